@@ -1,0 +1,75 @@
+"""NekoBot's microkernel: hookspecs, the plugin lifecycle, registries and the pipeline."""
+
+from kernel.config import KernelConfig
+from kernel.context import PluginContext
+from kernel.errors import (
+    ConfigError,
+    ConflictError,
+    ContributionError,
+    DisposedError,
+    EssentialPluginError,
+    InstallError,
+    ManifestError,
+    NekoError,
+    PluginError,
+    PluginLoadError,
+    PluginNotFoundError,
+    ReloadError,
+)
+from kernel.hookspecs import hookimpl
+from kernel.kernel import Kernel
+from kernel.models import (
+    ChannelSpec,
+    CommandInvocation,
+    CommandSpec,
+    KernelEvent,
+    MCPServerSpec,
+    MessageEvent,
+    MiddlewareSpec,
+    PlatformType,
+    PluginSource,
+    PluginState,
+    ProviderType,
+    Reply,
+    RouteSpec,
+    Segment,
+    Sender,
+    Target,
+)
+from kernel.version import __version__
+
+__all__ = [
+    "ChannelSpec",
+    "CommandInvocation",
+    "CommandSpec",
+    "ConfigError",
+    "ConflictError",
+    "ContributionError",
+    "DisposedError",
+    "EssentialPluginError",
+    "InstallError",
+    "Kernel",
+    "KernelConfig",
+    "KernelEvent",
+    "MCPServerSpec",
+    "ManifestError",
+    "MessageEvent",
+    "MiddlewareSpec",
+    "NekoError",
+    "PlatformType",
+    "PluginContext",
+    "PluginError",
+    "PluginLoadError",
+    "PluginNotFoundError",
+    "PluginSource",
+    "PluginState",
+    "ProviderType",
+    "ReloadError",
+    "Reply",
+    "RouteSpec",
+    "Segment",
+    "Sender",
+    "Target",
+    "__version__",
+    "hookimpl",
+]

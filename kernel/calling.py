@@ -1,0 +1,163 @@
+"""Calling hooks: contributions per hookimpl, async hooks time-bounded and isolated."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import anyio
+import attrs
+import pluggy
+
+from kernel.errors import ContributionError
+from kernel.hookspecs import CONTRIBUTION_HOOKS
+from kernel.models import (
+    ChannelSpec,
+    CommandSpec,
+    MCPServerSpec,
+    MiddlewareSpec,
+    PlatformType,
+    ProviderType,
+    RouteSpec,
+)
+
+_ITEM_TYPES: dict[str, type] = {
+    "nekobot_commands": CommandSpec,
+    "nekobot_routes": RouteSpec,
+    "nekobot_http_middleware": MiddlewareSpec,
+    "nekobot_ws_channels": ChannelSpec,
+    "nekobot_platform_types": PlatformType,
+    "nekobot_llm_provider_types": ProviderType,
+    "nekobot_mcp_servers": MCPServerSpec,
+}
+
+
+@attrs.frozen
+class Contributions:
+    """Everything one plugin generation contributes through its contribution hooks."""
+
+    commands: tuple[CommandSpec, ...] = ()
+    routes: tuple[RouteSpec, ...] = ()
+    middleware: tuple[MiddlewareSpec, ...] = ()
+    channels: tuple[ChannelSpec, ...] = ()
+    platform_types: tuple[PlatformType, ...] = ()
+    provider_types: tuple[ProviderType, ...] = ()
+    mcp_servers: tuple[MCPServerSpec, ...] = ()
+    config_schema: Mapping[str, Any] | None = None
+
+
+_FIELD_OF = {
+    "nekobot_commands": "commands",
+    "nekobot_routes": "routes",
+    "nekobot_http_middleware": "middleware",
+    "nekobot_ws_channels": "channels",
+    "nekobot_platform_types": "platform_types",
+    "nekobot_llm_provider_types": "provider_types",
+    "nekobot_mcp_servers": "mcp_servers",
+}
+
+
+def impls_of(pm: pluggy.PluginManager, hook: str, pm_name: str) -> list[pluggy.HookImpl]:
+    """The hookimpls of `hook` registered under `pm_name`."""
+    caller = getattr(pm.hook, hook, None)
+    if caller is None:
+        return []
+    return [i for i in caller.get_hookimpls() if i.plugin_name == pm_name]
+
+
+def collect_contributions(pm: pluggy.PluginManager, pm_name: str, owner: str) -> Contributions:
+    """Call each contribution hookimpl of one plugin and check what it returns."""
+    values: dict[str, Any] = {}
+    for hook in CONTRIBUTION_HOOKS:
+        for impl in impls_of(pm, hook, pm_name):
+            try:
+                result = impl.function()
+            except Exception as exc:
+                raise ContributionError(
+                    f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
+                ) from exc
+            if inspect.isawaitable(result):
+                if hasattr(result, "close"):
+                    result.close()
+                raise ContributionError(f"plugin {owner!r}: {hook} must be sync, not async")
+            if hook == "nekobot_config_schema":
+                if result is not None and not isinstance(result, Mapping):
+                    raise ContributionError(f"plugin {owner!r}: {hook} must return a mapping")
+                values["config_schema"] = result
+                continue
+            if result is None:
+                continue
+            item_type = _ITEM_TYPES[hook]
+            items = [result] if isinstance(result, item_type) else list(result)  # type: ignore[call-overload]
+            for item in items:
+                if not isinstance(item, item_type):
+                    raise ContributionError(
+                        f"plugin {owner!r}: {hook} must yield {item_type.__name__}, "
+                        f"not {type(item).__name__}"
+                    )
+            field = _FIELD_OF[hook]
+            values[field] = (*values.get(field, ()), *items)
+    return Contributions(**values)
+
+
+@attrs.frozen
+class HookOutcome:
+    """What one plugin's hookimpl returned or raised."""
+
+    plugin: str
+    value: Any = None
+    error: BaseException | None = None
+
+
+async def call_impl(
+    impl: pluggy.HookImpl,
+    kwargs: Mapping[str, Any],
+    *,
+    plugin: str,
+    hook: str,
+    timeout: float,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> HookOutcome:
+    """Await one async hookimpl with the arguments it asks for, bounded and isolated."""
+    try:
+        with anyio.fail_after(timeout):
+            result = impl.function(*(kwargs[name] for name in impl.argnames))
+            if inspect.isawaitable(result):
+                result = await result
+        return HookOutcome(plugin, result)
+    except TimeoutError as exc:
+        log.error("%s of plugin %r timed out after %.1fs", hook, plugin, timeout)
+        return HookOutcome(plugin, None, exc)
+    except Exception as exc:
+        log.error(
+            "%s of plugin %r raised %s: %s", hook, plugin, type(exc).__name__, exc, exc_info=True
+        )
+        return HookOutcome(plugin, None, exc)
+
+
+async def call_each(
+    calls: Iterable[tuple[str, pluggy.HookImpl, Mapping[str, Any]]],
+    *,
+    hook: str,
+    timeout: float,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> list[HookOutcome]:
+    """Await several plugins' hookimpls concurrently; outcomes in the order given."""
+    calls = list(calls)
+    outcomes: list[HookOutcome | None] = [None] * len(calls)
+
+    async def one(i: int, plugin: str, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> None:
+        outcomes[i] = await call_impl(
+            impl, kwargs, plugin=plugin, hook=hook, timeout=timeout, log=log
+        )
+
+    if len(calls) == 1:
+        plugin, impl, kwargs = calls[0]
+        await one(0, plugin, impl, kwargs)
+    else:
+        async with anyio.create_task_group() as tg:
+            for i, (plugin, impl, kwargs) in enumerate(calls):
+                tg.start_soon(one, i, plugin, impl, kwargs)
+    return [o for o in outcomes if o is not None]

@@ -1,0 +1,353 @@
+"""The command registry: names and aliases per plugin, contested names, and parsing.
+
+A key (a name or an alias, case-folded) may be claimed by several plugins. Exactly
+one of them holds it; the others stay reachable as `plugin:name`. The holder is
+chosen by, in order: the admin's resolution, the recorded holder (persisted, so it
+survives reloads and restarts), the earliest claim. Registration never overwrites.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from kernel.errors import ContributionError, NekoError
+from kernel.models import CommandConflict, CommandSpec
+
+_KEY_RE = re.compile(r"^[^\s:/]{1,64}$")
+
+
+def normalize_key(name: str) -> str:
+    """Case-fold a command name or alias; raise ValueError if it cannot be a key."""
+    key = name.strip().casefold()
+    if not _KEY_RE.match(key):
+        raise ValueError(f"invalid command name {name!r} (no spaces, ':' or '/'; 1-64 chars)")
+    return key
+
+
+@attrs.frozen
+class CommandEntry:
+    """A registered command."""
+
+    owner: str
+    spec: CommandSpec
+    keys: tuple[str, ...]
+    generation: object = attrs.field(eq=False, repr=False, default=None)
+
+    @property
+    def name(self) -> str:
+        """The normalised command name."""
+        return self.keys[0]
+
+    @property
+    def qualified(self) -> str:
+        """`plugin:name`, always reachable."""
+        return f"{self.owner}:{self.keys[0]}"
+
+
+@attrs.frozen
+class ParsedCommand:
+    """A message split into prefix, command name and arguments."""
+
+    prefix: str
+    name: str
+    args: str
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The arguments split shell-style (plain whitespace split if quotes are unbalanced)."""
+        try:
+            return tuple(shlex.split(self.args))
+        except ValueError:
+            return tuple(self.args.split())
+
+
+def parse_command(text: str, prefixes: Sequence[str]) -> ParsedCommand | None:
+    """Split `text` if it starts with one of `prefixes` (longest first)."""
+    stripped = text.lstrip()
+    for prefix in prefixes:
+        if stripped.startswith(prefix):
+            rest = stripped[len(prefix) :]
+            if not rest or rest[0].isspace():
+                continue
+            name, _, args = rest.partition(" ")
+            if "\n" in name:
+                name, _, more = name.partition("\n")
+                args = more + (" " + args if args else "")
+            return ParsedCommand(prefix, name, args.strip())
+    return None
+
+
+class CommandRegistry:
+    """Every command of every active plugin, with conflict detection."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, list[CommandEntry]] = {}
+        self._holders: dict[str, CommandEntry] = {}
+        self._qualified: dict[str, CommandEntry] = {}
+        self._by_owner: dict[str, list[CommandEntry]] = {}
+        #: key -> plugin that held a contested key (persisted).
+        self.records: dict[str, str] = {}
+        #: key -> plugin an admin chose (persisted).
+        self.resolutions: dict[str, str] = {}
+        #: extra key -> `plugin:name` an admin added (persisted).
+        self.admin_aliases: dict[str, str] = {}
+        self.version = 0
+
+    # -- reading ---------------------------------------------------------------------
+
+    def lookup(self, name: str) -> CommandEntry | None:
+        """The command that answers `name` (a key or `plugin:key`), if any."""
+        entry = self._holders.get(name)
+        if entry is not None:
+            return entry
+        key = name.casefold()
+        if ":" in key:
+            return self._qualified.get(key)
+        return self._holders.get(key)
+
+    def entries(self) -> list[CommandEntry]:
+        """Every registered command, ordered by qualified name."""
+        return sorted((e for es in self._by_owner.values() for e in es), key=lambda e: e.qualified)
+
+    def owned_by(self, owner: str) -> list[CommandEntry]:
+        """The commands of one plugin."""
+        return list(self._by_owner.get(owner, ()))
+
+    def holds(self, entry: CommandEntry) -> bool:
+        """True if `entry` currently answers its own name."""
+        holder = self._holders.get(entry.name)
+        return holder is not None and holder.owner == entry.owner
+
+    def holder_of(self, key: str) -> str | None:
+        """The plugin that holds `key`, if any."""
+        entry = self._holders.get(key.casefold())
+        return entry.owner if entry else None
+
+    def conflicts(self) -> list[CommandConflict]:
+        """Every contested key."""
+        return [self._conflict(k) for k in sorted(self._claims) if len(self._claims[k]) > 1]
+
+    def _conflict(self, key: str) -> CommandConflict:
+        claims = self._claims[key]
+        return CommandConflict(
+            key=key,
+            candidates=tuple((c.owner, f"{c.owner}:{c.name}") for c in claims),
+            holder=self._holders[key].owner,
+            resolution=self.resolutions.get(key),
+        )
+
+    def __len__(self) -> int:
+        return sum(len(es) for es in self._by_owner.values())
+
+    # -- preparing -------------------------------------------------------------------
+
+    def prepare(
+        self, owner: str, specs: Iterable[CommandSpec], generation: object = None
+    ) -> list[CommandEntry]:
+        """Validate one plugin's commands; a key declared twice in it is a ContributionError."""
+        entries: list[CommandEntry] = []
+        seen: dict[str, str] = {}
+        for spec in specs:
+            if not isinstance(spec, CommandSpec):
+                raise ContributionError(
+                    f"plugin {owner!r}: nekobot_commands must yield CommandSpec, "
+                    f"not {type(spec).__name__}"
+                )
+            try:
+                keys = [normalize_key(spec.name), *(normalize_key(a) for a in spec.aliases)]
+            except ValueError as exc:
+                raise ContributionError(f"plugin {owner!r}: {exc}") from None
+            for key in keys:
+                if key in seen:
+                    raise ContributionError(
+                        f"plugin {owner!r} declares command key {key!r} twice "
+                        f"(in {seen[key]!r} and {spec.name!r})"
+                    )
+                seen[key] = spec.name
+            entries.append(CommandEntry(owner, spec, tuple(keys), generation))
+        return entries
+
+    def preview(self, owner: str, entries: Iterable[CommandEntry]) -> list[CommandConflict]:
+        """The conflicts that registering `entries` (replacing `owner`'s) would leave."""
+        out = []
+        for entry in entries:
+            for key in self._claim_keys(entry):
+                others = [c for c in self._claims.get(key, ()) if c.owner != owner]
+                if others:
+                    holder = self.resolutions.get(key) or others[0].owner
+                    if self.resolutions.get(key) != owner and self.records.get(key) == owner:
+                        holder = owner
+                    cands = [(c.owner, f"{c.owner}:{c.name}") for c in others]
+                    cands.append((owner, entry.qualified))
+                    out.append(
+                        CommandConflict(key, tuple(cands), holder, self.resolutions.get(key))
+                    )
+        return out
+
+    def _claim_keys(self, entry: CommandEntry) -> list[str]:
+        keys = list(entry.keys)
+        keys.extend(
+            a for a, q in self.admin_aliases.items() if q == entry.qualified and a not in keys
+        )
+        return keys
+
+    # -- writing ---------------------------------------------------------------------
+
+    def add(self, owner: str, entries: Sequence[CommandEntry]) -> None:
+        """Register a plugin's commands (which it must not have registered yet)."""
+        if owner in self._by_owner:
+            raise NekoError(f"plugin {owner!r} already has commands registered")
+        self._by_owner[owner] = list(entries)
+        affected = set()
+        for entry in entries:
+            for key in self._claim_keys(entry):
+                self._claims.setdefault(key, []).append(entry)
+                affected.add(key)
+            for key in entry.keys:
+                self._qualified[f"{owner}:{key}"] = entry
+        self._elect_all(affected)
+
+    def replace_owner(self, owner: str, entries: Sequence[CommandEntry]) -> None:
+        """Swap a plugin's commands for a new generation's, keeping its place in each claim."""
+        new_by_key = {k: e for e in entries for k in self._claim_keys(e)}
+        affected = set(new_by_key)
+        for key, claims in list(self._claims.items()):
+            for i, claim in enumerate(claims):
+                if claim.owner == owner:
+                    affected.add(key)
+                    if key in new_by_key:
+                        claims[i] = new_by_key.pop(key)
+                    else:
+                        del claims[i]
+                        self._forget_record(key, owner)
+                    break
+            if not claims:
+                del self._claims[key]
+        for key, entry in new_by_key.items():
+            self._claims.setdefault(key, []).append(entry)
+        self._drop_qualified(owner)
+        for entry in entries:
+            for key in entry.keys:
+                self._qualified[f"{owner}:{key}"] = entry
+        self._by_owner[owner] = list(entries)
+        self._elect_all(affected)
+
+    def drop_owner(self, owner: str, *, transfer: bool = True) -> int:
+        """Withdraw a plugin's commands; the names it held pass to the next claimant.
+
+        With `transfer=False` (shutdown, a failed restore) the persisted holder records
+        are kept, so the plugin holds its names again when it comes back.
+        """
+        entries = self._by_owner.pop(owner, None)
+        if entries is None:
+            return 0
+        affected = set()
+        for key, claims in list(self._claims.items()):
+            kept = [c for c in claims if c.owner != owner]
+            if len(kept) != len(claims):
+                affected.add(key)
+                if transfer:
+                    self._forget_record(key, owner)
+                if kept:
+                    self._claims[key] = kept
+                else:
+                    del self._claims[key]
+        self._drop_qualified(owner)
+        self._elect_all(affected, record=transfer)
+        return len(entries)
+
+    def _forget_record(self, key: str, owner: str) -> None:
+        if self.records.get(key) == owner:
+            del self.records[key]
+
+    def _drop_qualified(self, owner: str) -> None:
+        prefix = f"{owner}:"
+        for q in [q for q in self._qualified if q.startswith(prefix)]:
+            del self._qualified[q]
+
+    def _elect_all(self, keys: Iterable[str], *, record: bool = True) -> None:
+        for key in keys:
+            self._elect(key, record=record)
+        self.version += 1
+
+    def _elect(self, key: str, *, record: bool = True) -> None:
+        claims = self._claims.get(key)
+        if not claims:
+            self._holders.pop(key, None)
+            return
+        by_owner = {c.owner: c for c in claims}
+        choice = by_owner.get(self.resolutions.get(key, ""))
+        if choice is None:
+            choice = by_owner.get(self.records.get(key, ""))
+        if choice is None:
+            current = self._holders.get(key)
+            choice = by_owner.get(current.owner) if current else None
+        if choice is None:
+            choice = claims[0]
+        if len(claims) > 1 and record:
+            self.records[key] = choice.owner
+        self._holders[key] = choice
+
+    # -- admin resolutions -------------------------------------------------------------
+
+    def resolve(self, key: str, plugin: str) -> CommandConflict | None:
+        """Make `plugin` hold `key` from now on (persist the registry state afterwards)."""
+        key = normalize_key(key)
+        owners = [c.owner for c in self._claims.get(key, ())]
+        if plugin not in owners:
+            raise NekoError(f"plugin {plugin!r} does not claim command {key!r}")
+        self.resolutions[key] = plugin
+        self._elect_all([key])
+        return self._conflict(key) if len(owners) > 1 else None
+
+    def unresolve(self, key: str) -> None:
+        """Drop the admin's choice for `key`; its current holder keeps it."""
+        key = normalize_key(key)
+        self.resolutions.pop(key, None)
+        self._elect_all([key])
+
+    def add_alias(self, alias: str, qualified: str) -> None:
+        """Give the command `plugin:name` the extra key `alias` (persisted, re-applied)."""
+        key = normalize_key(alias)
+        entry = self._qualified.get(qualified.casefold())
+        if entry is None:
+            raise NekoError(f"no command {qualified!r}")
+        if key in self._claim_keys(entry):
+            return
+        self.admin_aliases[key] = entry.qualified
+        self._claims.setdefault(key, []).append(entry)
+        self._elect_all([key])
+
+    def remove_alias(self, alias: str) -> None:
+        """Withdraw an alias an admin added."""
+        key = normalize_key(alias)
+        qualified = self.admin_aliases.pop(key, None)
+        if qualified is None:
+            raise NekoError(f"no admin alias {alias!r}")
+        claims = [c for c in self._claims.get(key, ()) if c.qualified != qualified]
+        if claims:
+            self._claims[key] = claims
+        else:
+            self._claims.pop(key, None)
+        self._elect_all([key])
+
+    # -- persistence -------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """What must survive a restart."""
+        return {
+            "records": dict(self.records),
+            "resolutions": dict(self.resolutions),
+            "aliases": dict(self.admin_aliases),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `export_state` returned (before any plugin registers)."""
+        self.records = dict(state.get("records", {}))
+        self.resolutions = dict(state.get("resolutions", {}))
+        self.admin_aliases = dict(state.get("aliases", {}))

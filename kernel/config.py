@@ -1,0 +1,52 @@
+"""KernelConfig: how an embedding application (or `nekobot run`) sets up one Kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+
+def _paths(value: object) -> tuple[Path, ...]:
+    if isinstance(value, str | Path):
+        return (Path(value),)
+    return tuple(Path(v) for v in value)  # type: ignore[attr-defined]
+
+
+def _optional_names(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(value)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class KernelConfig:
+    """Construction-time settings of one Kernel. Runtime settings live in its storage."""
+
+    #: Everything the bot writes (database, logs, secrets, plugin data) goes here.
+    data_dir: Path = attrs.field(default=Path("data"), converter=Path)
+    #: Directories of user plugins; uploads go into the first one.
+    plugin_dirs: tuple[Path, ...] = attrs.field(default=(Path("user_plugins"),), converter=_paths)
+    #: Builtin plugins to discover (None: all of them).
+    builtin_plugins: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_names)
+    #: Discover plugins of the `nekobot.plugins` entry-point group.
+    entry_points: bool = True
+    #: Host and port `nekobot run` serves on.
+    host: str = "127.0.0.1"
+    port: int = 6285
+    #: Command prefixes when the stored bot config names none.
+    command_prefixes: tuple[str, ...] = attrs.field(default=("/",), converter=tuple)
+    #: Watch plugin directories and reload changed plugins (a stored setting overrides).
+    hot_reload: bool = True
+    #: Debounce of the file watcher, in milliseconds.
+    reload_debounce_ms: int = 50
+    #: Time bound of lifecycle and event hooks, and of each dispose step, in seconds.
+    hook_timeout: float = 10.0
+    #: Time bound of a command handler or message hook, in seconds.
+    handler_timeout: float = 30.0
+    #: The event loop counts as blocked after this many seconds without a tick.
+    block_threshold: float = 0.5
+    #: Start the loop-blocking watchdog thread.
+    watchdog: bool = True
+    #: Log records kept in memory for the API.
+    log_buffer: int = 5000

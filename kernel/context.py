@@ -1,0 +1,142 @@
+"""PluginContext: a plugin's only door to the kernel, bound to one generation's Scope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from kernel.errors import DisposedError
+from kernel.lifecycle import DisposeCallback, Scope, TaskHandle
+from kernel.models import KernelEvent, Reply, Target
+from kernel.storage import PluginStore
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+T = TypeVar("T")
+
+
+class Services:
+    """Named objects plugins offer each other (an LLM client, a platform manager, ...).
+
+    What a plugin provides is withdrawn when its scope is disposed.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[str, object]] = {}
+
+    def provide(self, owner: str, name: str, value: object) -> None:
+        """Offer `value` as `name`; a name another plugin provides is refused."""
+        current = self._items.get(name)
+        if current is not None and current[0] != owner:
+            raise ValueError(f"service {name!r} is already provided by plugin {current[0]!r}")
+        self._items[name] = (owner, value)
+
+    def withdraw(self, owner: str, name: str) -> None:
+        """Remove `name` if `owner` provides it."""
+        if self._items.get(name, ("", None))[0] == owner:
+            del self._items[name]
+
+    def get(self, name: str) -> object | None:
+        """The service called `name`, or None."""
+        item = self._items.get(name)
+        return item[1] if item else None
+
+    def names(self) -> list[str]:
+        """Every provided service name."""
+        return sorted(self._items)
+
+
+class PluginContext:
+    """What one plugin generation may do; everything it acquires is disposed with it."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        name: str,
+        scope: Scope,
+        config: Mapping[str, Any],
+        log: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self._kernel = kernel
+        self.name = name
+        self.scope = scope
+        self.config: Mapping[str, Any] = config
+        self.log = log
+        self._http: httpx.AsyncClient | None = None
+
+    # -- resources -------------------------------------------------------------------
+
+    def start_task(
+        self, func: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None
+    ) -> TaskHandle:
+        """Run `func(*args)` in the background; it is cancelled when the plugin goes away."""
+        return self.scope.start_task(func, *args, name=name)
+
+    def on_dispose(self, callback: DisposeCallback, *, name: str | None = None) -> None:
+        """Run `callback` when the plugin goes away (reverse order of registration)."""
+        self.scope.on_dispose(callback, name=name)
+
+    async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
+        """Enter an async context manager now; it is exited when the plugin goes away."""
+        return await self.scope.enter_async_context(cm)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """An httpx client owned by this plugin generation, closed with it."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot use http")
+        if self._http is None:
+            client = httpx.AsyncClient(timeout=30.0)
+            self.scope.on_dispose(client.aclose, name="http client")
+            self._http = client
+        return self._http
+
+    @property
+    def store(self) -> PluginStore:
+        """The plugin's key/value store and namespaced tables (kept across reloads)."""
+        return self._kernel.storage.plugin_store(self.name)
+
+    @property
+    def data_dir(self) -> Path:
+        """A directory for the plugin's files, inside the kernel's data directory."""
+        path = self._kernel.config.data_dir / "plugin_data" / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def provide(self, name: str, value: object) -> None:
+        """Offer `value` to other plugins as `ctx.services.get(name)`; withdrawn on disposal."""
+        self._kernel.services.provide(self.name, name, value)
+        self.scope.on_dispose(
+            lambda: self._kernel.services.withdraw(self.name, name), name=f"withdraw service {name}"
+        )
+
+    @property
+    def services(self) -> Services:
+        """Services provided by plugins."""
+        return self._kernel.services
+
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel itself: for the builtin administration plugins."""
+        return self._kernel
+
+    # -- messages and events -----------------------------------------------------------
+
+    async def emit(self, type: str, data: Mapping[str, Any] | None = None) -> None:
+        """Publish a kernel event attributed to this plugin (the `events` channel)."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot emit")
+        await self._kernel.emit(KernelEvent(type, data or {}, plugin=self.name))
+
+    async def send(self, target: Target, message: Reply | str) -> None:
+        """Send a message through the platform instance that `target` names."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot send")
+        reply = Reply.text(message) if isinstance(message, str) else message
+        await self._kernel.pipeline.send(target, reply)

@@ -1,0 +1,227 @@
+"""The message pipeline: platform event -> command registry -> handlers -> replies.
+
+Messages of one conversation are handled in arrival order; different conversations
+run concurrently. Every handler runs inside its generation's gate (so a reload waits
+for it, and a message that arrives mid-swap is handled once, by the new generation)
+and under a time bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from kernel.commands import CommandEntry, ParsedCommand, parse_command
+from kernel.lifecycle import GateClosedError
+from kernel.models import CommandInvocation, MessageEvent, Reply, Target, as_reply
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+    from kernel.manager import Generation
+
+_MAX_RETRIES = 5
+
+
+class Adapter(Protocol):
+    """What the pipeline needs of a platform adapter: a way to send."""
+
+    async def send(self, target: Target, reply: Reply) -> None:
+        """Deliver `reply` to `target`."""
+
+
+class _Conversation:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock(fast_acquire=True)
+        self.users = 0
+
+
+class Pipeline:
+    """Dispatches message events of one Kernel."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self._conversations: dict[tuple[str, str, str], _Conversation] = {}
+        #: platform instance id -> adapter that sends for it.
+        self.adapters: dict[str, Adapter] = {}
+        self.handled = 0
+
+    # -- adapters ----------------------------------------------------------------------
+
+    def attach(self, instance: str, adapter: Adapter) -> Callable[[], None]:
+        """Route replies for `instance` through `adapter`; returns the detach function."""
+        if instance in self.adapters and self.adapters[instance] is not adapter:
+            raise ValueError(f"platform instance {instance!r} already has an adapter")
+        self.adapters[instance] = adapter
+
+        def detach() -> None:
+            if self.adapters.get(instance) is adapter:
+                del self.adapters[instance]
+
+        return detach
+
+    async def send(self, target: Target, reply: Reply) -> None:
+        """Send through the adapter of `target.instance`."""
+        adapter = self.adapters.get(target.instance)
+        if adapter is None:
+            raise LookupError(f"no platform instance {target.instance!r}")
+        await adapter.send(target, reply)
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    async def dispatch(self, event: MessageEvent, adapter: Adapter | None = None) -> int:
+        """Handle one message; replies go back through `adapter`. Returns replies sent."""
+        key = event.conversation
+        conv = self._conversations.get(key)
+        if conv is None:
+            conv = self._conversations[key] = _Conversation()
+        conv.users += 1
+        try:
+            async with conv.lock:
+                return await self._handle(event, adapter or self.adapters.get(event.instance))
+        finally:
+            conv.users -= 1
+            if conv.users == 0:
+                del self._conversations[key]
+
+    async def _handle(self, event: MessageEvent, adapter: Adapter | None) -> int:
+        self.handled += 1
+        sent = 0
+
+        async def send(message: Reply | str | None) -> None:
+            nonlocal sent
+            reply = as_reply(message)
+            if reply is None or adapter is None:
+                return
+            await adapter.send(event.target, reply)
+            sent += 1
+
+        parsed = parse_command(event.text, self.kernel.bot_config.command_prefixes)
+        if parsed is not None and await self._run_command(event, parsed, send):
+            return sent
+        await self._offer(event, send)
+        return sent
+
+    async def _run_command(
+        self,
+        event: MessageEvent,
+        parsed: ParsedCommand,
+        send: Callable[[Reply | str | None], Awaitable[None]],
+    ) -> bool:
+        """Run the command `parsed` names; False if no command answers it here."""
+        registry = self.kernel.commands
+        for _ in range(_MAX_RETRIES):
+            entry = registry.lookup(parsed.name)
+            if entry is None or not _in_scope(entry, event):
+                return False
+            gen: Generation = entry.generation  # type: ignore[assignment]
+            try:
+                gen.gate.enter()
+            except GateClosedError:
+                await self.kernel.plugins.settled(entry.owner)
+                continue
+            try:
+                await self._call_handler(entry, gen, event, parsed, send)
+            finally:
+                gen.gate.leave()
+            return True
+        self.kernel.log.error(
+            "command %r: plugin %r kept changing; message dropped",
+            parsed.name,
+            entry.owner if entry else "?",
+        )
+        return True
+
+    async def _call_handler(
+        self,
+        entry: CommandEntry,
+        gen: Generation,
+        event: MessageEvent,
+        parsed: ParsedCommand,
+        send: Callable[[Reply | str | None], Awaitable[None]],
+    ) -> None:
+        spec = entry.spec
+        ctx = gen.ctx
+        assert ctx is not None
+        if spec.permission == "admin" and not self.kernel.is_admin(event):
+            await send(f"You are not allowed to use {parsed.prefix}{parsed.name}.")
+            return
+        invocation = CommandInvocation(
+            event, entry.name, parsed.args, parsed.argv, parsed.prefix, ctx, send
+        )
+        timeout = spec.timeout or self.kernel.config.handler_timeout
+        try:
+            with anyio.fail_after(timeout):
+                result = await spec.handler(invocation)
+        except TimeoutError:
+            ctx.log.error("command %r timed out after %.1fs", entry.qualified, timeout)
+            await send(f"{parsed.prefix}{parsed.name} timed out.")
+            return
+        except Exception as exc:
+            ctx.log.error(
+                "command %r raised %s: %s", entry.qualified, type(exc).__name__, exc, exc_info=True
+            )
+            await send(f"{parsed.prefix}{parsed.name} failed.")
+            return
+        await send(_checked_reply(result, ctx.log, entry.qualified))
+
+    async def _offer(
+        self, event: MessageEvent, send: Callable[[Reply | str | None], Awaitable[None]]
+    ) -> None:
+        """Offer a non-command message to every `nekobot_on_message` implementation."""
+        impls = self.kernel.plugins.hook_index.get("nekobot_on_message")
+        if not impls:
+            return
+        results: list[tuple[str, Any]] = []
+        timeout = self.kernel.config.handler_timeout
+
+        async def one(plugin: str, impl: Any, gen: Generation) -> None:
+            try:
+                gen.gate.enter()
+            except GateClosedError:
+                return  # the plugin is going away; its successor is not offered a re-run
+            assert gen.ctx is not None
+            try:
+                with anyio.fail_after(timeout):
+                    value = await impl.function(
+                        *({"event": event, "ctx": gen.ctx}[a] for a in impl.argnames)
+                    )
+                results.append((plugin, value))
+            except TimeoutError:
+                gen.ctx.log.error("nekobot_on_message timed out after %.1fs", timeout)
+            except Exception as exc:
+                gen.ctx.log.error(
+                    "nekobot_on_message raised %s: %s", type(exc).__name__, exc, exc_info=True
+                )
+            finally:
+                gen.gate.leave()
+
+        async with anyio.create_task_group() as tg:
+            for plugin, impl, gen in list(impls):
+                tg.start_soon(one, plugin, impl, gen)
+        for plugin, value in sorted(results, key=lambda r: r[0]):
+            log = (
+                self.kernel.plugins.records[plugin].log
+                if plugin in self.kernel.plugins.records
+                else self.kernel.log
+            )
+            await send(_checked_reply(value, log, plugin))
+
+
+def _in_scope(entry: CommandEntry, event: MessageEvent) -> bool:
+    platforms = entry.spec.platforms
+    return platforms is None or event.platform in platforms
+
+
+def _checked_reply(
+    value: object, log: logging.Logger | logging.LoggerAdapter[logging.Logger], who: str
+) -> Reply | None:
+    try:
+        return as_reply(value)  # type: ignore[arg-type]
+    except TypeError as exc:
+        log.error("%s: %s", who, exc)
+        return None

@@ -1,0 +1,42 @@
+"""LLM hooks: provider types and request/response interception."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from kernel.hookspecs.markers import hookspec
+from kernel.models import ProviderType
+
+if TYPE_CHECKING:
+    from kernel.context import PluginContext
+
+
+@hookspec
+def nekobot_llm_provider_types() -> Iterable[ProviderType]:
+    """Return the LLM provider types the plugin implements.
+
+    Contribution hook: sync, pure, called once per load. A type name another plugin
+    holds is a load error.
+    """
+
+
+@hookspec
+async def nekobot_llm_request(
+    request: Mapping[str, Any], ctx: PluginContext
+) -> Mapping[str, Any] | None:
+    """Called (async) before an LLM request is sent; return a changed request or None.
+
+    Implementations run one after another in plugin-name order, each seeing the
+    previous one's result. Time-bounded; an exception is logged and skipped.
+    """
+
+
+@hookspec
+async def nekobot_llm_response(
+    response: Mapping[str, Any], ctx: PluginContext
+) -> Mapping[str, Any] | None:
+    """Called (async) after an LLM answered; return a changed response or None.
+
+    Same combination rule as `nekobot_llm_request`.
+    """

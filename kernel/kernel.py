@@ -1,0 +1,259 @@
+"""The Kernel: one object that owns a bot's plugins, registries, storage and app.
+
+There is no module-level state: two kernels can live in one process, and an
+application can embed one::
+
+    async with Kernel(KernelConfig(data_dir=..., plugin_dirs=[...])) as kernel:
+        app = kernel.asgi_app
+
+A kernel must be entered and exited in the same task (its task group demands it).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup
+
+from kernel.asgi import KernelApp
+from kernel.calling import call_each
+from kernel.commands import CommandRegistry
+from kernel.config import KernelConfig
+from kernel.context import Services
+from kernel.events import Pipeline
+from kernel.loader import ModuleLoader
+from kernel.logs import KernelLogging
+from kernel.manager import PluginManager
+from kernel.models import (
+    ChannelSpec,
+    KernelEvent,
+    MCPServerSpec,
+    MessageEvent,
+    MiddlewareSpec,
+    PlatformType,
+    ProviderType,
+    make_converter,
+)
+from kernel.registry import OwnedRegistry
+from kernel.settings import BotConfig, Settings
+from kernel.storage import Storage
+from kernel.watchdog import LoopWatchdog
+
+EventSubscriber = Callable[[KernelEvent], None]
+
+
+class Kernel:
+    """A NekoBot microkernel instance."""
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        self.config = config or KernelConfig()
+        self.id = secrets.token_hex(4)
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("nekobot.kernel"), {"plugin": None, "nekobot_kernel": self.id}
+        )
+        self.converter = make_converter()
+        self.storage = Storage(self.config.data_dir / "nekobot.db")
+        self.loader = ModuleLoader()
+        self.services = Services()
+        self.commands = CommandRegistry()
+        self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry("route", lambda t: t[0])
+        self.middleware: OwnedRegistry[str, MiddlewareSpec] = OwnedRegistry(
+            "middleware", lambda m: m.name
+        )
+        self.channels: OwnedRegistry[str, ChannelSpec] = OwnedRegistry(
+            "WebSocket channel", lambda c: c.name
+        )
+        self.platform_types: OwnedRegistry[str, PlatformType] = OwnedRegistry(
+            "platform type", lambda p: p.name
+        )
+        self.provider_types: OwnedRegistry[str, ProviderType] = OwnedRegistry(
+            "LLM provider type", lambda p: p.name
+        )
+        self.mcp_servers: OwnedRegistry[str, MCPServerSpec] = OwnedRegistry(
+            "MCP server", lambda s: s.name
+        )
+        self.bot_config = BotConfig(command_prefixes=self.config.command_prefixes)
+        self.settings = Settings(hot_reload=self.config.hot_reload)
+        self.logging = KernelLogging(self.id, self.config.data_dir / "logs", self.config.log_buffer)
+        self.plugins = PluginManager(self)
+        self.pipeline = Pipeline(self)
+        self.asgi_app = KernelApp(self)
+        self.watchdog = LoopWatchdog(
+            self.config.block_threshold, self._module_owner, self._report_block
+        )
+        self._event_subscribers: list[EventSubscriber] = []
+        self._tg: TaskGroup | None = None
+        self._reloader: Any = None
+        self.running = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def task_group(self) -> TaskGroup:
+        """The kernel's task group (plugin tasks run in it)."""
+        if self._tg is None:
+            raise RuntimeError("the kernel is not running; use `async with Kernel(...)`")
+        return self._tg
+
+    async def __aenter__(self) -> Self:
+        await anyio.to_thread.run_sync(
+            lambda: self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        )
+        self.logging.start()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            await self.storage.open()
+            await self._load_state()
+            self.loader.install()
+            if self.config.watchdog:
+                tg.start_soon(self.watchdog.run, name="nekobot-watchdog")
+            await self.plugins.start()
+            if self.settings.hot_reload:
+                await self.start_hot_reload()
+        except BaseException as exc:
+            await self._teardown(type(exc), exc, exc.__traceback__)
+            raise
+        self.running = True
+        self.log.info("kernel %s started", self.id)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self.running = False
+        await self._teardown(exc_type, exc, tb)
+        return None
+
+    async def _teardown(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stop_hot_reload()
+            await self.plugins.shutdown()
+            self.watchdog.stop()
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(exc_type, exc, tb)
+        with anyio.CancelScope(shield=True):
+            self.loader.uninstall()
+            await self.storage.close()
+            self.log.info("kernel %s stopped", self.id)
+            self.logging.stop()
+
+    async def _load_state(self) -> None:
+        stored = await self.storage.state_items("kernel")
+        self.commands.load_state(stored.get("commands", {}))
+        bot = stored.get("bot_config")
+        if isinstance(bot, dict):
+            self.bot_config = attrs.evolve(self.bot_config, **bot)
+        settings = stored.get("settings")
+        if isinstance(settings, dict):
+            self.settings = attrs.evolve(self.settings, **settings)
+
+    async def persist_commands(self) -> None:
+        """Store the command registry's holder records, resolutions and aliases."""
+        await self.storage.state_set("kernel", "commands", self.commands.export_state())
+
+    async def update_bot_config(self, **changes: Any) -> BotConfig:
+        """Change and store the bot configuration."""
+        new = attrs.evolve(self.bot_config, **changes)
+        await self.storage.state_set("kernel", "bot_config", self.converter.unstructure(new))
+        self.bot_config = new
+        return new
+
+    async def update_settings(self, **changes: Any) -> Settings:
+        """Change and store server settings; hot reload starts or stops at once."""
+        new = attrs.evolve(self.settings, **changes)
+        await self.storage.state_set("kernel", "settings", self.converter.unstructure(new))
+        self.settings = new
+        if new.hot_reload:
+            await self.start_hot_reload()
+        else:
+            await self.stop_hot_reload()
+        return new
+
+    async def start_hot_reload(self) -> None:
+        """Watch the plugin directories (if not already)."""
+        from kernel.reload import HotReloader
+
+        if self._reloader is None:
+            self._reloader = HotReloader(self)
+            await self._reloader.start()
+
+    async def stop_hot_reload(self) -> None:
+        """Stop watching the plugin directories."""
+        if self._reloader is not None:
+            reloader, self._reloader = self._reloader, None
+            await reloader.stop()
+
+    # -- messages and events -----------------------------------------------------------
+
+    async def dispatch(self, event: MessageEvent, adapter: Any = None) -> int:
+        """Handle one incoming message (see `Pipeline.dispatch`)."""
+        return await self.pipeline.dispatch(event, adapter)
+
+    def is_admin(self, event: MessageEvent) -> bool:
+        """True if the sender of `event` may run admin commands."""
+        ids = self.bot_config.admin_ids
+        sender = event.sender
+        return sender.is_admin or sender.id in ids or f"{event.platform}:{sender.id}" in ids
+
+    def subscribe_events(self, callback: EventSubscriber) -> Callable[[], None]:
+        """Call `callback` (which must not block) with every kernel event; returns unsubscribe."""
+        self._event_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._event_subscribers:
+                self._event_subscribers.remove(callback)
+
+        return unsubscribe
+
+    async def emit(self, event: KernelEvent) -> None:
+        """Publish a kernel event: to subscribers now, to `nekobot_on_event` in the background."""
+        level = logging.WARNING if event.type.endswith("failed") else logging.INFO
+        self.log.log(level, "event %s %s", event.type, dict(event.data))
+        for callback in list(self._event_subscribers):
+            try:
+                callback(event)
+            except Exception:
+                self.log.exception("event subscriber failed")
+        impls = self.plugins.hook_index.get("nekobot_on_event")
+        if impls and self._tg is not None:
+            calls = [(p, i, {"event": event, "ctx": g.ctx}) for p, i, g in impls]
+            self._tg.start_soon(self._deliver_event, calls)
+
+    async def _deliver_event(self, calls: list[Any]) -> None:
+        await call_each(
+            calls, hook="nekobot_on_event", timeout=self.config.hook_timeout, log=self.log
+        )
+
+    # -- diagnostics -------------------------------------------------------------------
+
+    def _module_owner(self, module: str) -> str | None:
+        owners = self.plugins.module_owners
+        while module:
+            owner = owners.get(module)
+            if owner is not None:
+                return owner
+            module = module.rpartition(".")[0]
+        return None
+
+    def _report_block(self, plugin: str | None, message: str) -> None:
+        logging.getLogger("nekobot.kernel").warning(
+            message, extra={"plugin": plugin, "nekobot_kernel": self.id}
+        )

@@ -1,0 +1,206 @@
+"""A plugin generation's Scope (what it acquired, disposed in reverse) and its Gate."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from kernel.errors import DisposedError
+
+T = TypeVar("T")
+DisposeCallback = Callable[[], Awaitable[None] | None]
+
+
+class GateClosedError(Exception):
+    """The generation behind a gate is going away; look the target up again."""
+
+
+class Gate:
+    """Counts calls into one plugin generation so that disposal waits for them.
+
+    Entering is synchronous and cheap (it sits on the message hot path); closing
+    refuses new calls and waits, bounded, until the ones in flight have left.
+    """
+
+    __slots__ = ("_closed", "_count", "_drained")
+
+    def __init__(self, *, open: bool = False) -> None:
+        self._count = 0
+        self._closed = not open
+        self._drained: anyio.Event | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """How many calls are inside."""
+        return self._count
+
+    def enter(self) -> None:
+        """Admit one call, or raise GateClosedError."""
+        if self._closed:
+            raise GateClosedError
+        self._count += 1
+
+    def leave(self) -> None:
+        """Let one call out."""
+        self._count -= 1
+        if self._count == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def close(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to `timeout` for the ones inside; True if drained."""
+        self._closed = True
+        if self._count == 0:
+            return True
+        if self._drained is None:
+            self._drained = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._drained.wait()
+        return self._count == 0
+
+    def open(self) -> None:
+        """Admit calls (a gate starts closed until its generation has started)."""
+        self._closed = False
+
+
+class TaskHandle:
+    """A background task started through a plugin's context."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cancel_scope = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    def cancel(self) -> None:
+        """Ask the task to stop."""
+        self.cancel_scope.cancel()
+
+    async def wait(self) -> None:
+        """Wait until the task has finished."""
+        await self.done.wait()
+
+
+class Scope:
+    """Everything one plugin generation acquired; disposed in reverse order, once.
+
+    Each dispose step is time-bounded, and its errors are logged, not raised. After
+    disposal the scope (and so the plugin's context) refuses new work.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        task_group: TaskGroup,
+        log: logging.LoggerAdapter[logging.Logger],
+        step_timeout: float = 5.0,
+    ) -> None:
+        self.owner = owner
+        self._tg = task_group
+        self._log = log
+        self._step_timeout = step_timeout
+        self._callbacks: list[tuple[str, DisposeCallback]] = []
+        self._tasks: set[TaskHandle] = set()
+        self._closed = False
+        self._disposed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once disposal has begun."""
+        return self._closed
+
+    @property
+    def live_tasks(self) -> int:
+        """How many background tasks of this scope are still running."""
+        return len(self._tasks)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise DisposedError(f"plugin {self.owner!r} was disposed; cannot {what}")
+
+    def on_dispose(self, callback: DisposeCallback, *, name: str | None = None) -> None:
+        """Run `callback` (sync or async) when the scope is disposed; last added runs first."""
+        self._check_open("register a dispose callback")
+        self._callbacks.append(
+            (name or str(getattr(callback, "__qualname__", "callback")), callback)
+        )
+
+    def start_task(
+        self, func: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None
+    ) -> TaskHandle:
+        """Run `func(*args)` in the background until it returns or the scope is disposed."""
+        self._check_open("start a task")
+        handle = TaskHandle(name or str(getattr(func, "__qualname__", "task")))
+        self._tasks.add(handle)
+        self._tg.start_soon(self._run_task, handle, func, args, name=f"{self.owner}:{handle.name}")
+        return handle
+
+    async def _run_task(
+        self, handle: TaskHandle, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> None:
+        try:
+            with handle.cancel_scope:
+                await func(*args)
+        except Exception:
+            self._log.exception("background task %r crashed", handle.name)
+        finally:
+            self._tasks.discard(handle)
+            handle.done.set()
+
+    async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
+        """Enter `cm` now and exit it when the scope is disposed."""
+        self._check_open("enter a context")
+        stack = AsyncExitStack()
+        value = await stack.enter_async_context(cm)
+        self._callbacks.append((f"exit {type(cm).__name__}", stack.aclose))
+        return value
+
+    async def dispose(self) -> None:
+        """Cancel the tasks, then run the callbacks in reverse order. Idempotent."""
+        self._closed = True
+        if self._disposed:
+            return
+        self._disposed = True
+        for handle in list(self._tasks):
+            handle.cancel()
+        with anyio.CancelScope(shield=True):
+            for handle in list(self._tasks):
+                with anyio.move_on_after(self._step_timeout) as cs:
+                    await handle.wait()
+                if cs.cancelled_caught:
+                    self._log.error(
+                        "task %r did not stop within %.1fs", handle.name, self._step_timeout
+                    )
+            while self._callbacks:
+                name, callback = self._callbacks.pop()
+                await self._run_callback(name, callback)
+
+    async def _run_callback(self, name: str, callback: DisposeCallback) -> None:
+        try:
+            with anyio.fail_after(self._step_timeout):
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+        except TimeoutError:
+            self._log.error("dispose step %r timed out after %.1fs", name, self._step_timeout)
+        except Exception:
+            self._log.exception("dispose step %r failed", name)
+
+
+@asynccontextmanager
+async def entered(gate: Gate) -> AsyncIterator[None]:
+    """`async with entered(gate):` — the context-manager form of enter/leave."""
+    gate.enter()
+    try:
+        yield
+    finally:
+        gate.leave()

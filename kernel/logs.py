@@ -1,0 +1,126 @@
+"""Structured log records of one Kernel: a ring buffer for the API, a file, subscribers."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+
+@attrs.frozen
+class LogRecord:
+    """One log record as the API shows it."""
+
+    seq: int
+    time: float
+    level: str
+    logger: str
+    plugin: str | None
+    message: str
+    exc_text: str | None = None
+
+
+LogSubscriber = Callable[[LogRecord], None]
+
+
+class KernelLogHandler(logging.Handler):
+    """Keeps one kernel's records: in memory (bounded) and for live subscribers.
+
+    A record belongs to the kernel whose id it carries (`nekobot_kernel`); records of
+    other code under the `nekobot` logger are kept by every kernel.
+    """
+
+    def __init__(self, kernel_id: str, maxlen: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.kernel_id = kernel_id
+        self.records: deque[LogRecord] = deque(maxlen=maxlen)
+        self.subscribers: list[LogSubscriber] = []
+        self._seq = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        owner = getattr(record, "nekobot_kernel", None)
+        return owner is None or owner == self.kernel_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._seq += 1
+            exc_text = None
+            if record.exc_info:
+                # Keep the text only: a traceback object would keep a plugin's frames
+                # (and so its module) alive after it was unloaded.
+                exc_text = logging.Formatter().formatException(record.exc_info)
+            item = LogRecord(
+                seq=self._seq,
+                time=record.created,
+                level=record.levelname,
+                logger=record.name,
+                plugin=getattr(record, "plugin", None),
+                message=record.getMessage(),
+                exc_text=exc_text,
+            )
+            self.records.append(item)
+            for subscriber in list(self.subscribers):
+                subscriber(item)
+        except Exception:
+            self.handleError(record)
+
+    def subscribe(self, callback: LogSubscriber) -> Callable[[], None]:
+        """Call `callback` with each new record (it must not block); returns unsubscribe."""
+        self.subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self.subscribers:
+                self.subscribers.remove(callback)
+
+        return unsubscribe
+
+
+class _StripTraceback(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = super().prepare(record)  # formats exc_info into the message, drops it
+        return record
+
+
+class KernelLogging:
+    """Attaches one kernel's handlers to the `nekobot` logger, and detaches them."""
+
+    def __init__(self, kernel_id: str, log_dir: Path, maxlen: int) -> None:
+        self.buffer = KernelLogHandler(kernel_id, maxlen)
+        self._log_dir = log_dir
+        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._queue_handler = _StripTraceback(self._queue)
+        self._queue_handler.addFilter(self.buffer.filter)
+        self._listener: logging.handlers.QueueListener | None = None
+
+    def start(self) -> None:
+        """Attach the handlers; the file is written by a listener thread, not the loop."""
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            self._log_dir / "nekobot.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+        )
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        self._listener = logging.handlers.QueueListener(self._queue, file_handler)
+        self._listener.start()
+        root = logging.getLogger("nekobot")
+        if root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        root.addHandler(self.buffer)
+        root.addHandler(self._queue_handler)
+
+    def stop(self) -> None:
+        """Detach the handlers and close the file."""
+        root = logging.getLogger("nekobot")
+        root.removeHandler(self.buffer)
+        root.removeHandler(self._queue_handler)
+        if self._listener is not None:
+            self._listener.stop()
+            for handler in self._listener.handlers:
+                handler.close()
+            self._listener = None
