@@ -2,7 +2,7 @@
 disabled or deleted, so the API can never lock itself out."""
 
 #: Every builtin plugin, in no particular order (the kernel sorts).
-BUILTIN_PLUGINS: tuple[str, ...] = ("api", "help")
+BUILTIN_PLUGINS: tuple[str, ...] = ("api", "auth", "help")
 
 #: Builtins that cannot be disabled or deleted.
-ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"api"})
+ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"api", "auth"})

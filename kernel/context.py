@@ -126,6 +126,14 @@ class PluginContext:
         """The kernel itself: for the builtin administration plugins."""
         return self._kernel
 
+    def subscribe_events(self, callback: Callable[[KernelEvent], None]) -> Callable[[], None]:
+        """Call `callback` (non-blocking) with every kernel event until the plugin goes away."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot subscribe")
+        unsubscribe = self._kernel.subscribe_events(callback)
+        self.scope.on_dispose(unsubscribe, name="event subscription")
+        return unsubscribe
+
     # -- messages and events -----------------------------------------------------------
 
     async def emit(self, type: str, data: Mapping[str, Any] | None = None) -> None:

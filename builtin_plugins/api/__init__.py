@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from kernel import RouteSpec, hookimpl
+from builtin_plugins.api.web import ErrorMiddleware
+from kernel import MiddlewareSpec, RouteSpec, hookimpl
 from kernel.version import __version__
 
 
@@ -38,3 +39,9 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Liveness probe",
         )
     ]
+
+
+@hookimpl
+def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
+    # Outermost: whatever goes wrong below becomes the error envelope, never a traceback.
+    return [MiddlewareSpec("api-errors", ErrorMiddleware, order=-100)]

@@ -1,0 +1,178 @@
+"""The auth service: password hashes, JWTs, revocation and the login limiter."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import jwt
+
+from kernel.storage import PluginStore
+
+DEFAULT_USER = "nekobot"
+DEFAULT_PASSWORD = "nekobot"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash (memory-hard), as `scrypt$n$r$p$salt$hash`."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    return "scrypt${n}${r}${p}${salt}${hash}".format(**_SCRYPT, salt=salt.hex(), hash=digest.hex())
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True if `password` matches the `hash_password` result `stored`."""
+    try:
+        kind, n, r, p, salt, expected = stored.split("$")
+        if kind != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest.hex(), expected)
+
+
+def load_secret(data_dir: Path) -> str:
+    """`NEKOBOT_JWT_SECRET`, or the secret in the data directory (created 0600 once)."""
+    from_env = os.environ.get("NEKOBOT_JWT_SECRET")
+    if from_env:
+        return from_env
+    path = data_dir / "jwt_secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        secret = secrets.token_urlsafe(48)
+        f.write(secret)
+    return secret
+
+
+class LoginLimiter:
+    """Failed logins per key in a sliding window."""
+
+    def __init__(self, max_failures: int, window: float) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, *keys: str) -> float:
+        """Seconds until `keys` may try again (0 if they may now)."""
+        now = time.monotonic()
+        wait = 0.0
+        for key in keys:
+            times = self._failures.get(key)
+            if not times:
+                continue
+            while times and now - times[0] > self.window:
+                times.popleft()
+            if not times:
+                del self._failures[key]
+            elif len(times) >= self.max_failures:
+                wait = max(wait, self.window - (now - times[0]))
+        return wait
+
+    def failed(self, *keys: str) -> None:
+        """Count one failure against each key."""
+        now = time.monotonic()
+        for key in keys:
+            self._failures.setdefault(key, deque()).append(now)
+
+    def succeeded(self, *keys: str) -> None:
+        """Forget a key's failures."""
+        for key in keys:
+            self._failures.pop(key, None)
+
+
+class AuthService:
+    """Accounts and tokens of one kernel (provided to other plugins as `auth`)."""
+
+    def __init__(self, store: PluginStore, secret: str, config: Mapping[str, Any]) -> None:
+        self.store = store
+        self.secret = secret
+        self.ttl = int(config["token_ttl_seconds"])
+        self.limiter = LoginLimiter(
+            int(config["login_max_failures"]), float(config["login_window_seconds"])
+        )
+        self.revoked: dict[str, float] = {}
+
+    async def start(self) -> None:
+        """Create the schema and the default account; load revocations."""
+        await self.store.migrate(
+            [
+                "CREATE TABLE {t:revoked} (jti TEXT PRIMARY KEY, exp REAL NOT NULL)",
+            ]
+        )
+        await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (time.time(),))
+        rows = await self.store.fetchall("SELECT jti, exp FROM {t:revoked}")
+        self.revoked = {jti: exp for jti, exp in rows}
+        if (
+            await self.store.kv_get(f"account:{DEFAULT_USER}") is None
+            and not await self.store.kv_keys()
+        ):
+            await self.set_password(DEFAULT_USER, DEFAULT_PASSWORD, must_change=True)
+
+    async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
+        """Store a new password hash for `username`."""
+        hashed = await anyio.to_thread.run_sync(hash_password, password)
+        await self.store.kv_set(
+            f"account:{username}", {"password_hash": hashed, "must_change_password": must_change}
+        )
+
+    async def account(self, username: str) -> dict[str, Any] | None:
+        """The stored account, or None."""
+        value = await self.store.kv_get(f"account:{username}")
+        return value if isinstance(value, dict) else None
+
+    async def check_password(self, username: str, password: str) -> dict[str, Any] | None:
+        """The account if the password is right (constant work for unknown users)."""
+        account = await self.account(username)
+        stored = account["password_hash"] if account else hash_password("x")
+        ok = await anyio.to_thread.run_sync(verify_password, password, stored)
+        return account if ok and account else None
+
+    async def default_password_in_use(self) -> bool:
+        """True while the default account still has its default password."""
+        account = await self.account(DEFAULT_USER)
+        return bool(account and account.get("must_change_password"))
+
+    def issue(self, username: str) -> tuple[str, int]:
+        """A signed token for `username` and its lifetime in seconds."""
+        now = int(time.time())
+        claims = {"sub": username, "iat": now, "exp": now + self.ttl, "jti": secrets.token_hex(16)}
+        return jwt.encode(claims, self.secret, algorithm="HS256"), self.ttl
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The token's claims if it is valid, unexpired and not revoked."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self.secret,
+                algorithms=["HS256"],
+                options={"require": ["exp", "iat", "jti", "sub"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        if claims["jti"] in self.revoked:
+            return None
+        return claims
+
+    async def revoke(self, claims: Mapping[str, Any]) -> None:
+        """Revoke a token until it expires (persisted)."""
+        jti, exp = str(claims["jti"]), float(claims["exp"])
+        self.revoked[jti] = exp
+        await self.store.execute(
+            "INSERT OR REPLACE INTO {t:revoked} (jti, exp) VALUES (?, ?)", (jti, exp)
+        )

@@ -1,0 +1,162 @@
+"""The auth plugin through the kernel's ASGI app: login, default deny, logout, passwords."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from builtin_plugins.auth.service import hash_password, verify_password
+from kernel import Kernel
+from kernel.testing import running_kernel
+
+pytestmark = pytest.mark.anyio
+BUILTINS = ["api", "auth", "help"]
+
+
+@pytest.fixture
+async def kernel(tmp_path: Path) -> AsyncIterator[Kernel]:
+    async with running_kernel(tmp_path / "data", builtin_plugins=BUILTINS) as k:
+        yield k
+
+
+@pytest.fixture
+async def client(kernel: Kernel) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=kernel.asgi_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+async def _login(client: httpx.AsyncClient, password: str = "nekobot") -> httpx.Response:
+    return await client.post("/api/login", json={"username": "nekobot", "password": password})
+
+
+async def test_login_returns_token_in_seed_shape_and_envelope(client: httpx.AsyncClient) -> None:
+    r = await _login(client)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["token_type"] == "bearer"
+    assert body["status"] == "success"
+    assert body["data"]["access_token"] == body["access_token"]
+    assert body["data"]["must_change_password"] is True
+    assert body["data"]["expires_in"] == 86400
+
+
+async def test_private_route_denied_without_or_with_bad_token(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    assert (await client.get("/api/account")).status_code == 401
+    token = (await _login(client)).json()["access_token"]
+    bad = [
+        "garbage",
+        jwt.encode(
+            {"sub": "nekobot", "iat": 1, "exp": 2**31, "jti": "x"},
+            "another-key-of-at-least-32-bytes!!",
+            algorithm="HS256",
+        ),
+        jwt.encode({"sub": "nekobot", "iat": 1, "exp": 2**31, "jti": "x"}, None, algorithm="none"),
+        token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+    ]
+    for value in bad:
+        r = await client.get("/api/account", headers={"Authorization": f"Bearer {value}"})
+        assert r.status_code == 401, value
+        assert r.json()["code"] == "unauthorized"
+    ok = await client.get("/api/account", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200
+    assert ok.json()["data"]["username"] == "nekobot"
+
+
+async def test_expired_token_rejected(kernel: Kernel, client: httpx.AsyncClient) -> None:
+    secret = (kernel.config.data_dir / "jwt_secret").read_text()
+    expired = jwt.encode(
+        {"sub": "nekobot", "iat": 1, "exp": 2, "jti": "old"}, secret, algorithm="HS256"
+    )
+    r = await client.get("/api/account", headers={"Authorization": f"Bearer {expired}"})
+    assert r.status_code == 401
+
+
+async def test_wrong_password_and_bad_bodies(client: httpx.AsyncClient) -> None:
+    r = await _login(client, "wrong")
+    assert r.status_code == 401
+    assert r.json()["code"] == "invalid_credentials"
+    r = await client.post("/api/login", content=b"{not json")
+    assert r.status_code == 400
+    r = await client.post("/api/login", json={"username": "nekobot"})
+    assert r.status_code == 400
+    assert r.json()["details"]["field"] == "password"
+    r = await client.post("/api/login", json={"username": 1, "password": "x"})
+    assert r.status_code == 400
+    assert r.json()["details"]["field"] == "username"
+    r = await client.post("/api/login", json=["nekobot"])
+    assert r.status_code == 400
+
+
+async def test_login_is_rate_limited_per_user(client: httpx.AsyncClient) -> None:
+    for _ in range(5):
+        assert (await _login(client, "wrong")).status_code == 401
+    r = await _login(client)  # even the right password waits now
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_logout_revokes_and_survives_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_kernel(data, builtin_plugins=BUILTINS) as k:
+        transport = httpx.ASGITransport(app=k.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            token = (await _login(c)).json()["access_token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            assert (await c.post("/api/logout", headers=auth)).status_code == 200
+            assert (await c.get("/api/account", headers=auth)).status_code == 401
+    async with running_kernel(data, builtin_plugins=BUILTINS) as k:
+        transport = httpx.ASGITransport(app=k.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/api/account", headers=auth)).status_code == 401
+
+
+async def test_password_change(client: httpx.AsyncClient) -> None:
+    token = (await _login(client)).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    r = await client.put(
+        "/api/account/password",
+        headers=auth,
+        json={"old_password": "nope", "new_password": "long-enough-1"},
+    )
+    assert r.status_code == 400
+    assert r.json()["details"]["field"] == "old_password"
+    r = await client.put(
+        "/api/account/password",
+        headers=auth,
+        json={"old_password": "nekobot", "new_password": "short"},
+    )
+    assert r.status_code == 400
+    assert r.json()["details"]["field"] == "new_password"
+    r = await client.put(
+        "/api/account/password",
+        headers=auth,
+        json={"old_password": "nekobot", "new_password": "long-enough-1"},
+    )
+    assert r.status_code == 200
+    assert (await _login(client)).status_code == 401
+    r = await _login(client, "long-enough-1")
+    assert r.status_code == 200
+    assert r.json()["data"]["must_change_password"] is False
+
+
+async def test_jwt_secret_file_is_private(kernel: Kernel) -> None:
+    path = kernel.config.data_dir / "jwt_secret"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_password_hash_round_trip() -> None:
+    stored = hash_password("s3cret")
+    assert stored.startswith("scrypt$")
+    assert "s3cret" not in stored
+    assert verify_password("s3cret", stored)
+    assert not verify_password("other", stored)
+    assert not verify_password("s3cret", "garbage")
