@@ -2,7 +2,15 @@
 disabled or deleted, so the API can never lock itself out."""
 
 #: Every builtin plugin, in no particular order (the kernel sorts).
-BUILTIN_PLUGINS: tuple[str, ...] = ("api", "auth", "help")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "api",
+    "auth",
+    "plugin_admin",
+    "commands_admin",
+    "settings",
+    "logs",
+    "help",
+)
 
 #: Builtins that cannot be disabled or deleted.
-ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"api", "auth"})
+ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"api", "auth", "plugin_admin"})

@@ -142,6 +142,21 @@ class PluginContext:
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot emit")
         await self._kernel.emit(KernelEvent(type, data or {}, plugin=self.name))
 
+    def publish(self, channel: str, data: Any) -> int:
+        """Publish `data` on a WebSocket channel this plugin contributed; returns 1 if a hub
+        took it, 0 if no hub is running."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot publish")
+        entry = self._kernel.channels.get(channel)
+        if entry is None or entry.owner != self.name:
+            raise ValueError(f"plugin {self.name!r} does not own channel {channel!r}")
+        hub = self._kernel.services.get("ws.hub")
+        publish = getattr(hub, "publish", None)
+        if publish is None:
+            return 0
+        publish(channel, data)
+        return 1
+
     async def send(self, target: Target, message: Reply | str) -> None:
         """Send a message through the platform instance that `target` names."""
         if self.scope.closed:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import attrs
 from anyio.abc import TaskGroup
 
 from kernel.asgi import KernelApp
@@ -26,6 +25,7 @@ from kernel.calling import call_each
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
 from kernel.context import Services
+from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.loader import ModuleLoader
 from kernel.logs import KernelLogging
@@ -41,7 +41,14 @@ from kernel.models import (
     make_converter,
 )
 from kernel.registry import OwnedRegistry
-from kernel.settings import BotConfig, Settings
+from kernel.settings import (
+    BOT_CONFIG_SCHEMA,
+    SETTINGS_SCHEMA,
+    BotConfig,
+    Settings,
+    merged,
+    to_json,
+)
 from kernel.storage import Storage
 from kernel.watchdog import LoopWatchdog
 
@@ -158,34 +165,47 @@ class Kernel:
     async def _load_state(self) -> None:
         stored = await self.storage.state_items("kernel")
         self.commands.load_state(stored.get("commands", {}))
-        bot = stored.get("bot_config")
-        if isinstance(bot, dict):
-            self.bot_config = attrs.evolve(self.bot_config, **bot)
-        settings = stored.get("settings")
-        if isinstance(settings, dict):
-            self.settings = attrs.evolve(self.settings, **settings)
+        try:
+            self.bot_config = merged(
+                self.bot_config, stored.get("bot_config", {}), BOT_CONFIG_SCHEMA
+            )
+            self.settings = merged(self.settings, stored.get("settings", {}), SETTINGS_SCHEMA)
+        except ConfigError as exc:
+            self.log.error("stored settings are invalid (%s); using defaults", exc.message)
+        self._apply_log_level()
 
     async def persist_commands(self) -> None:
         """Store the command registry's holder records, resolutions and aliases."""
         await self.storage.state_set("kernel", "commands", self.commands.export_state())
 
-    async def update_bot_config(self, **changes: Any) -> BotConfig:
-        """Change and store the bot configuration."""
-        new = attrs.evolve(self.bot_config, **changes)
-        await self.storage.state_set("kernel", "bot_config", self.converter.unstructure(new))
+    async def update_bot_config(
+        self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> BotConfig:
+        """Merge, validate (ConfigError names the field), store and apply bot config."""
+        new = merged(self.bot_config, {**(changes or {}), **kwargs}, BOT_CONFIG_SCHEMA)
+        await self.storage.state_set("kernel", "bot_config", to_json(new))
         self.bot_config = new
+        await self.emit(KernelEvent("bot_config.changed", {}))
         return new
 
-    async def update_settings(self, **changes: Any) -> Settings:
-        """Change and store server settings; hot reload starts or stops at once."""
-        new = attrs.evolve(self.settings, **changes)
-        await self.storage.state_set("kernel", "settings", self.converter.unstructure(new))
+    async def update_settings(
+        self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> Settings:
+        """Merge, validate, store and apply server settings (hot reload starts/stops now)."""
+        new = merged(self.settings, {**(changes or {}), **kwargs}, SETTINGS_SCHEMA)
+        await self.storage.state_set("kernel", "settings", to_json(new))
         self.settings = new
-        if new.hot_reload:
-            await self.start_hot_reload()
-        else:
-            await self.stop_hot_reload()
+        self._apply_log_level()
+        if self.running:
+            if new.hot_reload:
+                await self.start_hot_reload()
+            else:
+                await self.stop_hot_reload()
+        await self.emit(KernelEvent("settings.changed", {}))
         return new
+
+    def _apply_log_level(self) -> None:
+        logging.getLogger("nekobot").setLevel(self.settings.log_level)
 
     async def start_hot_reload(self) -> None:
         """Watch the plugin directories (if not already)."""

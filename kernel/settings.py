@@ -1,8 +1,20 @@
-"""Runtime settings that admins change while the bot runs (stored, not constructed)."""
+"""Runtime settings that admins change while the bot runs (stored, not constructed).
+
+Two objects: `BotConfig` (how the bot behaves in chats) and `Settings` (how the server
+behaves). Each has a JSON Schema; a partial update is merged over the current value,
+validated as a whole, and only then stored and applied.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 import attrs
+import cattrs
+from jsonschema import Draft202012Validator
+
+from kernel.errors import ConfigError
 
 
 def _strings(value: object) -> tuple[str, ...]:
@@ -21,6 +33,11 @@ class BotConfig:
     wake_words: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     #: Sender ids (`id` or `platform:id`) allowed to run admin commands.
     admin_ids: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    #: When the LLM answers non-command messages: never, when addressed, or always.
+    llm_reply_mode: str = "mention"
+    #: The LLM provider and personality used when none is named.
+    default_provider: str | None = None
+    default_personality: str | None = None
 
 
 @attrs.frozen
@@ -29,3 +46,97 @@ class Settings:
 
     #: Watch plugin directories and reload plugins whose files change.
     hot_reload: bool = True
+    #: API requests per minute and client.
+    rate_limit_per_minute: int = 600
+    #: Failed logins per client address or username before login is refused for a while.
+    login_max_failures: int = 5
+    login_window_seconds: int = 300
+    #: Lifetime of an access token.
+    token_ttl_seconds: int = 86400
+    #: Origins allowed to call the API from a browser (CORS).
+    cors_origins: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    #: Level of the `nekobot` loggers.
+    log_level: str = "INFO"
+    #: Let anonymous guests use the web chat (rate limited, own sessions only).
+    guest_webchat: bool = False
+    #: Install the Python dependencies that an uploaded plugin's manifest lists.
+    allow_pip_install: bool = False
+    #: Largest plugin upload, in bytes.
+    upload_max_bytes: int = 5 * 1024 * 1024
+    #: Dashboard preferences (free-form, stored as given).
+    ui: dict[str, Any] = attrs.field(factory=dict)
+
+
+_STR_LIST = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 64},
+    "maxItems": 50,
+}
+
+BOT_CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "command_prefixes": {**_STR_LIST, "minItems": 1, "maxItems": 10},
+        "wake_words": _STR_LIST,
+        "admin_ids": {**_STR_LIST, "maxItems": 1000},
+        "llm_reply_mode": {"enum": ["off", "mention", "always"]},
+        "default_provider": {"type": ["string", "null"], "maxLength": 128},
+        "default_personality": {"type": ["string", "null"], "maxLength": 128},
+    },
+}
+
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "hot_reload": {"type": "boolean"},
+        "rate_limit_per_minute": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "login_max_failures": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "login_window_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
+        "token_ttl_seconds": {"type": "integer", "minimum": 60, "maximum": 2_592_000},
+        "cors_origins": {
+            "type": "array",
+            "maxItems": 50,
+            "items": {"type": "string", "pattern": "^https?://[^/\\s]+$"},
+        },
+        "log_level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+        "guest_webchat": {"type": "boolean"},
+        "allow_pip_install": {"type": "boolean"},
+        "upload_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 512 * 1024 * 1024},
+        "ui": {"type": "object"},
+    },
+}
+
+#: Settings that take effect only after a restart (none today; the API reports them).
+RESTART_REQUIRED: frozenset[str] = frozenset()
+
+T = TypeVar("T", BotConfig, Settings)
+_converter = cattrs.Converter()
+
+
+def to_json(value: BotConfig | Settings) -> dict[str, Any]:
+    """The JSON-ready form of a settings object."""
+    data: dict[str, Any] = _converter.unstructure(value)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def merged(current: T, changes: Any, schema: Mapping[str, Any]) -> T:
+    """`current` with `changes` merged in, validated; ConfigError names the bad field."""
+    if not isinstance(changes, Mapping):
+        raise ConfigError("body", "must be a JSON object")
+    # Tuples are arrays too when Python callers pass them.
+    full = {**to_json(current),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
+    errors = sorted(
+        Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path)
+    )
+    if errors:
+        first = errors[0]
+        path = ".".join(str(p) for p in first.absolute_path)
+        if not path and first.validator == "additionalProperties":
+            extra = sorted(set(full) - set(schema["properties"]))
+            path = extra[0] if extra else "body"
+            raise ConfigError(path, "is not a known field")
+        raise ConfigError(path or "body", first.message)
+    return _converter.structure(full, type(current))

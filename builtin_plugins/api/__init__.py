@@ -6,9 +6,16 @@ from collections.abc import Iterable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
 
+from builtin_plugins.api.hub import SERVICE as HUB_SERVICE
+from builtin_plugins.api.hub import Hub
+from builtin_plugins.api.openapi import openapi_json
+from builtin_plugins.api.ratelimit import SERVICE as RATE_LIMIT_SERVICE
+from builtin_plugins.api.ratelimit import RateLimiter, RateLimitMiddleware
+from builtin_plugins.api.shapes import event_json, record_json
 from builtin_plugins.api.web import ErrorMiddleware
-from kernel import MiddlewareSpec, RouteSpec, hookimpl
+from kernel import KernelEvent, MiddlewareSpec, PluginContext, RouteSpec, hookimpl
 from kernel.version import __version__
 
 
@@ -31,17 +38,72 @@ async def health(request: Request) -> JSONResponse:
 def nekobot_routes() -> Iterable[RouteSpec]:
     return [
         RouteSpec(
+            "/api/openapi.json",
+            openapi_json,
+            name="openapi",
+            summary="The OpenAPI 3.1 document of every route",
+        ),
+        RouteSpec(
+            "/ws",
+            websocket,
+            websocket=True,
+            public=True,
+            name="ws",
+            summary="WebSocket hub: logs, events and plugin channels",
+        ),
+        RouteSpec(
             "/api/health",
             health,
             methods=("GET",),
             public=True,
             name="health",
             summary="Liveness probe",
-        )
+        ),
     ]
+
+
+_CHANNEL_CHANGES = (
+    "plugin.disabled",
+    "plugin.deleted",
+    "plugin.removed",
+    "plugin.reloaded",
+    "plugin.enabled",
+)
+
+
+async def websocket(ws: WebSocket) -> None:
+    """`/ws`: the hub (it authenticates by header, `?token=` or a first `auth` frame)."""
+    hub = ws.scope["nekobot.kernel"].services.get(HUB_SERVICE)
+    if not isinstance(hub, Hub):
+        await ws.close(code=1013)
+        return
+    await hub.serve(ws)
+
+
+@hookimpl
+async def nekobot_plugin_start(ctx: PluginContext) -> None:
+    ctx.provide(RATE_LIMIT_SERVICE, RateLimiter())
+    hub = Hub(ctx.kernel)
+    ctx.provide(HUB_SERVICE, hub)
+    ctx.on_dispose(
+        ctx.kernel.logging.buffer.subscribe(
+            lambda record: hub.publish("logs", record_json(record))
+        ),
+        name="logs channel",
+    )
+
+    def on_event(event: KernelEvent) -> None:
+        hub.publish("events", event_json(event))
+        if event.type in _CHANNEL_CHANGES:
+            hub.close_missing_channels()
+
+    ctx.subscribe_events(on_event)
 
 
 @hookimpl
 def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
-    # Outermost: whatever goes wrong below becomes the error envelope, never a traceback.
-    return [MiddlewareSpec("api-errors", ErrorMiddleware, order=-100)]
+    return [
+        # Outermost: whatever goes wrong below becomes the error envelope, never a traceback.
+        MiddlewareSpec("api-errors", ErrorMiddleware, order=-100),
+        MiddlewareSpec("api-ratelimit", RateLimitMiddleware, order=-50),
+    ]

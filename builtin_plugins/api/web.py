@@ -192,3 +192,115 @@ async def read_json(
 
 def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
     return t if isinstance(t, tuple) else (t,)
+
+
+def check_query(request: Request, allowed: tuple[str, ...]) -> None:
+    """400 naming the first query parameter the endpoint does not know."""
+    for key in request.query_params:
+        if key not in allowed:
+            raise ApiError(400, f"unknown query parameter {key!r}", "unknown_field", {"field": key})
+
+
+def int_param(
+    request: Request, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """An integer query parameter within bounds (400 naming it otherwise)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, f"query parameter {name!r} must be an integer", "invalid_field", {"field": name}
+        ) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ApiError(
+            400, f"query parameter {name!r} must be {bound}", "invalid_field", {"field": name}
+        )
+    return value
+
+
+PAGE_PARAMS = ("page", "page_size", "sort_by", "order")
+
+
+def paginate(
+    request: Request,
+    items: list[dict[str, Any]],
+    *,
+    sort_fields: tuple[str, ...],
+    default_sort: str,
+    default_order: str = "asc",
+) -> dict[str, Any]:
+    """Sort and slice `items` by the `page`, `page_size`, `sort_by`, `order` parameters."""
+    page = int_param(request, "page", 1)
+    page_size = int_param(request, "page_size", 20, maximum=100)
+    sort_by = request.query_params.get("sort_by", default_sort)
+    if sort_by not in sort_fields:
+        raise ApiError(
+            400,
+            f"sort_by must be one of {', '.join(sort_fields)}",
+            "invalid_field",
+            {"field": "sort_by"},
+        )
+    order = request.query_params.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order must be 'asc' or 'desc'", "invalid_field", {"field": "order"})
+    ordered = sorted(items, key=lambda item: _sort_key(item.get(sort_by)), reverse=order == "desc")
+    start = (page - 1) * page_size
+    return {
+        "items": ordered[start : start + page_size],
+        "total": len(items),
+        "page": page,
+        "page_size": page_size,
+    }
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool | int | float):
+        return (1, value)
+    return (2, str(value))
+
+
+def mask_secret(value: str) -> str:
+    """How a secret is shown: its first three and last four characters at most."""
+    if len(value) <= 8:
+        return "…"
+    return f"{value[:3]}…{value[-4:]}"
+
+
+def secret_fields(schema: Mapping[str, Any] | None) -> set[str]:
+    """Top-level properties a JSON Schema marks secret (`writeOnly`, `format: password`,
+    or `x-secret`)."""
+    if not schema:
+        return set()
+    out = set()
+    for key, prop in dict(schema.get("properties", {})).items():
+        if isinstance(prop, Mapping) and (
+            prop.get("writeOnly") or prop.get("format") == "password" or prop.get("x-secret")
+        ):
+            out.add(key)
+    return out
+
+
+def masked(config: Mapping[str, Any], secrets_: set[str]) -> dict[str, Any]:
+    """`config` with its secret string values masked."""
+    return {
+        k: mask_secret(v) if k in secrets_ and isinstance(v, str) and v else v
+        for k, v in config.items()
+    }
+
+
+def unmasked(
+    new: Mapping[str, Any], stored: Mapping[str, Any], secrets_: set[str]
+) -> dict[str, Any]:
+    """`new` where a secret written back in its masked form keeps the stored secret."""
+    out = dict(new)
+    for key in secrets_:
+        old = stored.get(key)
+        if isinstance(old, str) and out.get(key) == mask_secret(old):
+            out[key] = old
+    return out

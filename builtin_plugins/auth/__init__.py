@@ -155,7 +155,8 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
     import anyio.to_thread
 
     secret = await anyio.to_thread.run_sync(load_secret, ctx.kernel.config.data_dir)
-    service = AuthService(ctx.store, secret, ctx.config)
+    kernel = ctx.kernel
+    service = AuthService(ctx.store, secret, lambda: kernel.settings)
     await service.start()
     ctx.provide(SERVICE, service)
 

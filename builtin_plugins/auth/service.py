@@ -8,7 +8,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from kernel.settings import Settings
 from kernel.storage import PluginStore
 
 DEFAULT_USER = "nekobot"
@@ -99,14 +100,20 @@ class LoginLimiter:
 class AuthService:
     """Accounts and tokens of one kernel (provided to other plugins as `auth`)."""
 
-    def __init__(self, store: PluginStore, secret: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, store: PluginStore, secret: str, settings: Callable[[], Settings]) -> None:
         self.store = store
         self.secret = secret
-        self.ttl = int(config["token_ttl_seconds"])
-        self.limiter = LoginLimiter(
-            int(config["login_max_failures"]), float(config["login_window_seconds"])
-        )
+        self._settings = settings
+        self._limiter = LoginLimiter(5, 300)
         self.revoked: dict[str, float] = {}
+
+    @property
+    def limiter(self) -> LoginLimiter:
+        """The login limiter, following the live settings."""
+        s = self._settings()
+        self._limiter.max_failures = s.login_max_failures
+        self._limiter.window = float(s.login_window_seconds)
+        return self._limiter
 
     async def start(self) -> None:
         """Create the schema and the default account; load revocations."""
@@ -151,8 +158,9 @@ class AuthService:
     def issue(self, username: str) -> tuple[str, int]:
         """A signed token for `username` and its lifetime in seconds."""
         now = int(time.time())
-        claims = {"sub": username, "iat": now, "exp": now + self.ttl, "jti": secrets.token_hex(16)}
-        return jwt.encode(claims, self.secret, algorithm="HS256"), self.ttl
+        ttl = self._settings().token_ttl_seconds
+        claims = {"sub": username, "iat": now, "exp": now + ttl, "jti": secrets.token_hex(16)}
+        return jwt.encode(claims, self.secret, algorithm="HS256"), ttl
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The token's claims if it is valid, unexpired and not revoked."""

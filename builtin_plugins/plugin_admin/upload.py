@@ -1,0 +1,125 @@
+"""`POST /api/plugins/upload`: a zip of one plugin package as multipart field `file`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import Message
+
+from builtin_plugins.api.shapes import conflict_json, plugin_json
+from builtin_plugins.api.web import ApiError, success
+
+_FIELDS = ("file", "enable", "overwrite", "dry_run")
+_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"upload larger than {limit} bytes", "too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"upload larger than {limit} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _flag(form: Any, field: str) -> bool:
+    raw = form.get(field)
+    if raw is None:
+        return False
+    if isinstance(raw, str) and raw.lower() in (
+        "true",
+        "1",
+        "yes",
+        "on",
+        "false",
+        "0",
+        "no",
+        "off",
+        "",
+    ):
+        return raw.lower() in ("true", "1", "yes", "on")
+    raise ApiError(400, f"{field} must be true or false", "invalid_field", {"field": field})
+
+
+async def upload_plugin(request: Request) -> JSONResponse:
+    """Validate the archive, then install (or with `dry_run`, only report)."""
+    from kernel.archive import ArchiveLimits
+    from kernel.install import install_archive
+
+    kernel = request.scope["nekobot.kernel"]
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(
+            400,
+            "upload must be multipart/form-data with a 'file' field",
+            "invalid_body",
+            {"field": "file"},
+        )
+    limit = kernel.settings.upload_max_bytes
+    body = await _bounded_body(request, limit + _OVERHEAD)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=10)
+    except Exception as exc:  # the multipart parser's own errors
+        raise ApiError(
+            400, f"malformed multipart body: {exc}", "invalid_body", {"field": "file"}
+        ) from None
+    async with form:
+        for key in form:
+            if key not in _FIELDS:
+                raise ApiError(400, f"unknown field {key!r}", "unknown_field", {"field": key})
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(
+                400, "field 'file' (a zip file) is required", "missing_field", {"field": "file"}
+            )
+        data = await upload.read()
+        flags = {f: _flag(form, f) for f in ("enable", "overwrite", "dry_run")}
+    if len(data) > limit:
+        raise ApiError(413, f"upload larger than {limit} bytes", "too_large")
+    result = await install_archive(
+        kernel,
+        data,
+        enable=flags["enable"],
+        overwrite=flags["overwrite"],
+        dry_run=flags["dry_run"],
+        limits=ArchiveLimits(max_bytes=limit),
+    )
+
+    manifest = result.manifest
+    data_out = {
+        "name": result.name,
+        "manifest": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "description": manifest.description,
+            "author": manifest.author,
+            "nekobot": manifest.nekobot,
+            "dependencies": list(manifest.dependencies),
+            "config_schema": manifest.config_schema,
+        },
+        "dry_run": result.dry_run,
+        "installed": result.installed,
+        "enabled": result.enabled,
+        "replaced": result.replaced,
+        "conflicts": [conflict_json(c) for c in result.conflicts],
+        "plugin": plugin_json(result.plugin) if result.plugin is not None else None,
+    }
+    return success(data_out, status=200 if result.dry_run else 201)
