@@ -5,6 +5,7 @@ if it keeps falling behind); it never stalls the bot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Mapping
@@ -216,8 +217,5 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
     """Close if still open; a peer that already left is not an error."""
     if ws.application_state != WebSocketState.CONNECTED:
         return
-    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-        try:
-            await ws.close(code=code, reason=reason)
-        except Exception:
-            pass
+    with anyio.CancelScope(shield=True), anyio.move_on_after(1), contextlib.suppress(Exception):
+        await ws.close(code=code, reason=reason)
