@@ -8,11 +8,13 @@ is reachable: the default is deny.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
@@ -59,16 +61,35 @@ class _Endpoint:
         except GateClosedError:
             await self._redispatch(scope, receive, send)
             return
+        scope["nekobot.ctx"] = self.gen.ctx
+        if scope["type"] == "websocket":
+            self.gen.gate.leave()
+            await self._websocket(scope, receive, send)
+            return
         try:
-            if scope["type"] == "websocket":
-                await self.route.endpoint(WebSocket(scope, receive, send))
-                return
             result = self.route.endpoint(Request(scope, receive, send))
             if inspect.isawaitable(result):
                 result = await result
             await result(scope, receive, send)
         finally:
             self.gen.gate.leave()
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A long-lived connection does not hold the gate (a reload would wait for it);
+        it is cancelled, and closed with 1012, when its plugin generation is disposed."""
+        plugin_scope = self.gen.scope
+        if plugin_scope is None or plugin_scope.closed:
+            await send({"type": "websocket.close", "code": 1012})
+            return
+        with anyio.CancelScope() as cancel:
+            withdraw = plugin_scope.on_dispose(cancel.cancel, name="websocket connection")
+            try:
+                await self.route.endpoint(WebSocket(scope, receive, send))
+            finally:
+                withdraw()
+        if cancel.cancelled_caught:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1012})
 
     async def _redispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The plugin is being swapped: wait, then route the request through the new table."""

@@ -78,9 +78,14 @@ class PluginContext:
         """Run `func(*args)` in the background; it is cancelled when the plugin goes away."""
         return self.scope.start_task(func, *args, name=name)
 
-    def on_dispose(self, callback: DisposeCallback, *, name: str | None = None) -> None:
-        """Run `callback` when the plugin goes away (reverse order of registration)."""
-        self.scope.on_dispose(callback, name=name)
+    def on_dispose(
+        self, callback: DisposeCallback, *, name: str | None = None
+    ) -> Callable[[], None]:
+        """Run `callback` when the plugin goes away (reverse order of registration).
+
+        Returns a function that withdraws the callback.
+        """
+        return self.scope.on_dispose(callback, name=name)
 
     async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
         """Enter an async context manager now; it is exited when the plugin goes away."""

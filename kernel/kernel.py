@@ -21,12 +21,13 @@ import anyio
 from anyio.abc import TaskGroup
 
 from kernel.asgi import KernelApp
-from kernel.calling import call_each
+from kernel.calling import call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
 from kernel.context import Services
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
+from kernel.lifecycle import GateClosedError
 from kernel.loader import ModuleLoader
 from kernel.logs import KernelLogging
 from kernel.manager import PluginManager
@@ -153,14 +154,17 @@ class Kernel:
             await self.plugins.shutdown()
             self.watchdog.stop()
         tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(exc_type, exc, tb)
-        with anyio.CancelScope(shield=True):
-            self.loader.uninstall()
-            await self.storage.close()
-            self.log.info("kernel %s stopped", self.id)
-            self.logging.stop()
+        try:
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                # Raises (a group) when the body of `async with` raised: clean up anyway.
+                await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.loader.uninstall()
+                await self.storage.close()
+                self.log.info("kernel %s stopped", self.id)
+                self.logging.stop()
 
     async def _load_state(self) -> None:
         stored = await self.storage.state_items("kernel")
@@ -261,6 +265,35 @@ class Kernel:
         await call_each(
             calls, hook="nekobot_on_event", timeout=self.config.hook_timeout, log=self.log
         )
+
+    async def run_chain(self, hook: str, arg: str, value: Any) -> Any:
+        """Pass `value` through every implementation of a chain hook, in plugin-name order.
+
+        Each implementation gets the previous one's result as `arg` (and its `ctx`);
+        None means unchanged. Each call is time-bounded; an error is logged and skipped.
+        Used for `nekobot_llm_request` and `nekobot_llm_response`.
+        """
+        for plugin, impl, gen in list(self.plugins.hook_index.get(hook, ())):
+            if gen.ctx is None:
+                continue
+            try:
+                gen.gate.enter()
+            except GateClosedError:
+                continue  # going away; its successor is not offered a re-run
+            try:
+                outcome = await call_impl(
+                    impl,
+                    {arg: value, "ctx": gen.ctx},
+                    plugin=plugin,
+                    hook=hook,
+                    timeout=self.config.hook_timeout,
+                    log=gen.ctx.log,
+                )
+            finally:
+                gen.gate.leave()
+            if outcome.error is None and outcome.value is not None:
+                value = outcome.value
+        return value
 
     # -- diagnostics -------------------------------------------------------------------
 

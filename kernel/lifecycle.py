@@ -127,12 +127,25 @@ class Scope:
         if self._closed:
             raise DisposedError(f"plugin {self.owner!r} was disposed; cannot {what}")
 
-    def on_dispose(self, callback: DisposeCallback, *, name: str | None = None) -> None:
-        """Run `callback` (sync or async) when the scope is disposed; last added runs first."""
+    def on_dispose(
+        self, callback: DisposeCallback, *, name: str | None = None
+    ) -> Callable[[], None]:
+        """Run `callback` (sync or async) when the scope is disposed; last added runs first.
+
+        Returns a function that withdraws the callback (for resources released earlier).
+        """
         self._check_open("register a dispose callback")
-        self._callbacks.append(
-            (name or str(getattr(callback, "__qualname__", "callback")), callback)
-        )
+        item = (name or str(getattr(callback, "__qualname__", "callback")), callback)
+        self._callbacks.append(item)
+
+        def withdraw() -> None:
+            # By identity: two registrations of one callback are two items.
+            for i in range(len(self._callbacks) - 1, -1, -1):
+                if self._callbacks[i] is item:
+                    del self._callbacks[i]
+                    return
+
+        return withdraw
 
     def start_task(
         self, func: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None

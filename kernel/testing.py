@@ -106,3 +106,20 @@ async def running_kernel(
     )
     async with Kernel(config) as kernel:
         yield kernel
+
+
+class AsPrincipal:
+    """Wrap an ASGI app so every request counts as authenticated (for testing private
+    plugin routes without the auth plugin)::
+
+        transport = httpx.ASGITransport(app=AsPrincipal(kernel.asgi_app))
+    """
+
+    def __init__(self, app: Any, principal: Any = None) -> None:
+        self.app = app
+        self.principal = principal if principal is not None else {"username": "tester"}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "nekobot.principal": self.principal}
+        await self.app(scope, receive, send)

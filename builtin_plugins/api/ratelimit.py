@@ -6,9 +6,10 @@ import math
 import time
 
 from starlette.datastructures import MutableHeaders
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from builtin_plugins.api.web import failure
+from builtin_plugins.api.web import RESPONSE_HEADERS, failure
 
 SERVICE = "api.ratelimit"
 _WINDOW = 60.0
@@ -46,7 +47,9 @@ class RateLimitMiddleware:
         if (
             scope["type"] != "http"
             or not isinstance(limiter, RateLimiter)
-            or not scope.get("path", "").startswith(_LIMITED_PREFIXES)
+            or not get_route_path(scope).startswith(_LIMITED_PREFIXES)
+            # A request re-routed while its plugin was swapped was counted already.
+            or scope.get("nekobot.redispatch")
         ):
             await self.app(scope, receive, send)
             return
@@ -58,6 +61,8 @@ class RateLimitMiddleware:
             "X-RateLimit-Remaining": str(remaining),
             "X-RateLimit-Reset": str(reset),
         }
+        # For the error middleware (outside us) when a route raises.
+        scope.setdefault(RESPONSE_HEADERS, {}).update(headers)
         if not allowed:
             retry = max(1, reset - int(time.time()))
             await failure(

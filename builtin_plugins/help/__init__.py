@@ -12,7 +12,7 @@ async def help_command(cmd: CommandInvocation) -> str:
     registry = cmd.ctx.kernel.commands
     prefix = cmd.prefix
     if cmd.argv:
-        entry = registry.lookup(cmd.argv[0].lstrip(prefix))
+        entry = registry.lookup(cmd.argv[0].removeprefix(prefix))
         if entry is None:
             return f"No command {cmd.argv[0]!r}. Try {prefix}help."
         spec = entry.spec
