@@ -90,7 +90,16 @@ def collect_contributions(pm: pluggy.PluginManager, pm_name: str, owner: str) ->
             if result is None:
                 continue
             item_type = _ITEM_TYPES[hook]
-            items = [result] if isinstance(result, item_type) else list(result)  # type: ignore[call-overload]
+            # A lone item of the wrong type is reported as such, not as a TypeError.
+            if isinstance(result, item_type) or not isinstance(result, Iterable):
+                items = [result]
+            else:
+                try:  # a generator runs the plugin's code only now
+                    items = list(result)
+                except Exception as exc:
+                    raise ContributionError(
+                        f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
+                    ) from exc
             for item in items:
                 if not isinstance(item, item_type):
                     raise ContributionError(
@@ -149,8 +158,11 @@ async def call_each(
     outcomes: list[HookOutcome | None] = [None] * len(calls)
 
     async def one(i: int, plugin: str, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> None:
+        # Log against the plugin's own logger when it has a context, so the
+        # record is attributed to the plugin rather than to the kernel.
+        own_log = getattr(kwargs.get("ctx"), "log", None) or log
         outcomes[i] = await call_impl(
-            impl, kwargs, plugin=plugin, hook=hook, timeout=timeout, log=log
+            impl, kwargs, plugin=plugin, hook=hook, timeout=timeout, log=own_log
         )
 
     if len(calls) == 1:

@@ -69,7 +69,7 @@ class ParsedCommand:
 def parse_command(text: str, prefixes: Sequence[str]) -> ParsedCommand | None:
     """Split `text` if it starts with one of `prefixes` (longest first)."""
     stripped = text.lstrip()
-    for prefix in prefixes:
+    for prefix in sorted(prefixes, key=len, reverse=True):
         if stripped.startswith(prefix):
             rest = stripped[len(prefix) :]
             if not rest or rest[0].isspace():

@@ -66,6 +66,12 @@ class InstallError(NekoError):
     code = "invalid_plugin_archive"
 
 
+class PluginExistsError(InstallError):
+    """The archive's plugin name is taken by an installed plugin (and not replaceable)."""
+
+    code = "plugin_exists"
+
+
 class ConflictError(NekoError):
     """Two owners claim the same key in a registry that does not allow sharing."""
 

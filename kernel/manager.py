@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -187,11 +188,13 @@ class PluginManager:
     async def rescan(self) -> list[str]:
         """Pick up plugins that appeared in plugin directories; return the new names."""
         candidates = await anyio.to_thread.run_sync(self.discover)
+        stored = await self.kernel.storage.state_items(_STATE_SECTION)
         added = []
         for cand in candidates:
             rec = self.records.get(cand.name)
             if rec is None:
-                self.records[cand.name] = self._new_record(cand, enabled=True)
+                enabled = bool(stored.get(cand.name, {}).get("enabled", True))
+                self.records[cand.name] = self._new_record(cand, enabled=enabled)
                 added.append(cand.name)
             elif rec.generation is None and rec.candidate != cand:
                 rec.candidate = cand
@@ -203,9 +206,8 @@ class PluginManager:
         """Retire every active plugin, last loaded first; persisted state is not touched."""
         self._stopping = True
         active = [r for r in self.records.values() if r.generation is not None]
-        for rec in sorted(
-            active, key=lambda r: (r.candidate.essential, r.loaded_at or 0), reverse=False
-        ):
+        # Last loaded first; essential plugins (the API core) last of all.
+        for rec in sorted(active, key=lambda r: (r.candidate.essential, -(r.loaded_at or 0))):
             async with rec.lock:
                 await self._unload(rec, forget_modules=True, transfer=False)
 
@@ -279,7 +281,9 @@ class PluginManager:
                 rec.enabled = True
                 await self._persist_enabled(rec)
                 return OperationResult(self.info(name), self.conflicts_of(name), changed)
+            await self._refresh_candidate(rec)  # its files may have been fixed meanwhile
             if rec.candidate.problem:
+                rec.state, rec.error = PluginState.FAILED, rec.candidate.problem
                 raise PluginLoadError(name, rec.candidate.problem)
             await self._load(rec)
             rec.enabled = True
@@ -313,7 +317,7 @@ class PluginManager:
         async with self._operation(rec):
             await self._refresh_candidate(rec)
             if rec.candidate.problem:
-                self._fail_event_later(rec, rec.candidate.problem)
+                await self._emit_failed(rec, rec.candidate.problem)
                 raise ReloadError(name, rec.candidate.problem)
             if rec.generation is None:
                 await self._load(rec)
@@ -321,7 +325,7 @@ class PluginManager:
                 try:
                     await self._load(rec, replacing=rec.generation)
                 except NekoError as exc:
-                    self._fail_event_later(rec, str(exc))
+                    await self._emit_failed(rec, str(exc))
                     raise ReloadError(
                         name, f"reload of {name!r} failed, previous version kept: {exc.message}"
                     ) from exc
@@ -389,6 +393,7 @@ class PluginManager:
         rec = self.record(name)
         async with self._operation(rec):
             full = validate_config(self.config_schema(name), config)
+            previous = await self.kernel.storage.state_get(_CONFIG_SECTION, name)
             await self.kernel.storage.state_set(_CONFIG_SECTION, name, dict(config))
             gen = rec.generation
             if gen is not None and gen.ctx is not None:
@@ -404,7 +409,20 @@ class PluginManager:
                         log=rec.log,
                     )
                 else:
-                    await self._load(rec, replacing=gen)
+                    try:
+                        await self._load(rec, replacing=gen)
+                    except NekoError:
+                        # The plugin refused this configuration: keep the one that worked.
+                        # The old generation was restarted with the refused one, so it may
+                        # be down; bring it back with its own.
+                        if previous is None:
+                            await self.kernel.storage.state_delete(_CONFIG_SECTION, name)
+                        else:
+                            await self.kernel.storage.state_set(_CONFIG_SECTION, name, previous)
+                        if rec.generation is None:
+                            with contextlib.suppress(NekoError):
+                                await self._load(rec)
+                        raise
         await self.kernel.emit(KernelEvent("plugin.config_changed", {"name": name}, plugin=name))
         return full
 
@@ -421,6 +439,13 @@ class PluginManager:
         fresh = await anyio.to_thread.run_sync(discover_directory, cand.path.parent)
         for new in fresh:
             if new.name == cand.name:
+                if new.problem is None and rec.generation is None and shadows_module(new.name):
+                    # As in `discover`: importing it would replace that module everywhere.
+                    new = attrs.evolve(
+                        new,
+                        problem=f"plugin name {new.name!r} would shadow an importable "
+                        "module; rename the plugin",
+                    )
                 rec.candidate = new
                 return
         rec.candidate = attrs.evolve(cand, problem=f"plugin directory {cand.path} is gone")
@@ -435,6 +460,7 @@ class PluginManager:
         except NekoError as exc:
             if replacing is None:
                 rec.state, rec.error = PluginState.FAILED, exc.message
+                await self._emit_failed(rec, exc.message)
             rec.log.error("loading plugin %r failed: %s", name, exc.message)
             raise
         if replacing is not None:
@@ -461,6 +487,7 @@ class PluginManager:
                 rec.generation = None
                 rec.state, rec.error = PluginState.FAILED, exc.message
                 self._reindex()
+                await self._emit_failed(rec, exc.message)
             raise
         gen.imported.commit()
         rec.generation = gen
@@ -487,7 +514,7 @@ class PluginManager:
         pm_name = f"{name}#{rec.generations}"
         try:
             try:
-                self.pm.register(imported.module, name=pm_name)
+                self.pm.register(_registrable(self.pm, imported.module), name=pm_name)
             except Exception as exc:
                 raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
             hooks = self._hooks_of(pm_name)
@@ -637,10 +664,12 @@ class PluginManager:
             old.pm_name,
             old.imported,
             old.contributions,
-            old.commands,
+            [],
             old.config_schema,
             old.hooks,
         )
+        # The old entries point at the retired generation, whose gate stays closed.
+        restored.commands = [attrs.evolve(e, generation=restored) for e in old.commands]
         self.pm.register(old.imported.module, name=old.pm_name)
         self._commit_registries(rec, restored, replacing=True)
         try:
@@ -686,12 +715,15 @@ class PluginManager:
         self.hook_index = index
 
     async def _persist_enabled(self, rec: PluginRecord) -> None:
-        await self.kernel.storage.state_set(_STATE_SECTION, rec.name, {"enabled": rec.enabled})
+        await self.remember_enabled(rec.name, rec.enabled)
 
-    def _fail_event_later(self, rec: PluginRecord, error: str) -> None:
-        self.kernel.task_group.start_soon(
-            self.kernel.emit,
-            KernelEvent("plugin.failed", {"name": rec.name, "error": error}, plugin=rec.name),
+    async def remember_enabled(self, name: str, enabled: bool) -> None:
+        """Store whether `name` is enabled (also for a plugin not discovered yet)."""
+        await self.kernel.storage.state_set(_STATE_SECTION, name, {"enabled": enabled})
+
+    async def _emit_failed(self, rec: PluginRecord, error: str) -> None:
+        await self.kernel.emit(
+            KernelEvent("plugin.failed", {"name": rec.name, "error": error}, plugin=rec.name)
         )
 
 
@@ -708,6 +740,19 @@ class _Operation:
     async def __aexit__(self, *exc_info: object) -> None:
         self.rec.idle.set()
         self.rec.lock.release()
+
+
+def _registrable(pm: pluggy.PluginManager, module: ModuleType) -> ModuleType:
+    """`module`, or a copy of its namespace if it is registered already.
+
+    A builtin is imported once, so its next generation is the same module object,
+    which pluggy refuses to register twice while the old generation still serves.
+    """
+    if not pm.is_registered(module):
+        return module
+    copy = ModuleType(module.__name__)
+    copy.__dict__.update(vars(module))
+    return copy
 
 
 def _route_items(c: Contributions) -> list[tuple[tuple[str, str], Any]]:

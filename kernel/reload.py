@@ -84,7 +84,7 @@ class HotReloader:
                 where = rec.candidate.path
                 if where is not None and not await anyio.Path(where).exists():
                     await plugins.forget_vanished(name)
-                elif name in added or (rec.generation is None and rec.enabled):
+                elif (name in added or rec.generation is None) and rec.enabled:
                     await plugins.enable(name)
                 elif rec.generation is not None:
                     await plugins.reload(name)

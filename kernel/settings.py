@@ -126,8 +126,10 @@ def merged(current: T, changes: Any, schema: Mapping[str, Any]) -> T:
     if not isinstance(changes, Mapping):
         raise ConfigError("body", "must be a JSON object")
     # Tuples are arrays too when Python callers pass them.
-    full = {**to_json(current),
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
+    full = {
+        **to_json(current),
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+    }
     errors = sorted(
         Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path)
     )

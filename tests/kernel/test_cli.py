@@ -1,0 +1,302 @@
+"""Tests of kernel.cli: arguments, the offline `plugins` commands, and `nekobot run` in a
+real process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kernel.cli import build_parser, config_from, main
+from kernel.version import __version__
+from tests.kernel.test_archive import make_zip
+from tests.kernel.test_install import archive, code
+from tests.plugin_factory import purge_modules, write_plugin
+
+PREFIX = "zz_cli_"
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugin_modules() -> Iterator[None]:
+    yield
+    for module in [m for m in sys.modules if m.startswith(PREFIX)]:
+        purge_modules(module)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> list[str]:
+    return ["--data-dir", str(tmp_path / "data"), "--plugin-dir", str(tmp_path / "plugins")]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`nekobot argv...` in-process: (exit status, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def plugin_states(capsys: pytest.CaptureFixture[str], dirs: list[str]) -> dict[str, dict]:  # type: ignore[type-arg]
+    code, out, _ = run_cli(capsys, "plugins", "list", "--json", *dirs)
+    assert code == 0
+    return {p["name"]: p for p in json.loads(out)}
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0
+    assert out == f"nekobot {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bogus"],
+        ["plugins"],
+        ["plugins", "frobnicate"],
+        ["plugins", "enable"],
+        ["plugins", "install"],
+        ["plugins", "list", "--nope"],
+        ["run", "--port", "http"],
+        ["--port", "70000"],
+        ["plugins", "remove", "a", "b"],
+    ],
+)
+def test_wrong_arguments_exit_2_with_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("usage: nekobot")
+    assert "error: " in err.splitlines()[-1]
+
+
+def test_options_make_the_kernel_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NEKOBOT_DATA_DIR", raising=False)
+    parser = build_parser()
+    default = config_from(parser.parse_args([]))
+    assert parser.parse_args([]).command is None  # no command: run
+    assert default.data_dir == Path("data") and default.plugin_dirs == (Path("user_plugins"),)
+    assert (default.host, default.port) == ("127.0.0.1", 6285)
+    config = config_from(
+        parser.parse_args(
+            ["run", "--host", "0.0.0.0", "--port", "8000", "--plugin-dir", "a", "--plugin-dir", "b"]
+        )
+    )
+    assert (config.host, config.port) == ("0.0.0.0", 8000)
+    assert config.plugin_dirs == (Path("a"), Path("b"))
+    # Options given before a subcommand are not reset by its defaults.
+    args = parser.parse_args(["plugins", "--data-dir", "d1", "list"])
+    assert config_from(args).data_dir == Path("d1")
+    monkeypatch.setenv("NEKOBOT_DATA_DIR", "from-env")
+    assert config_from(parser.parse_args(["--port", "1"])).data_dir == Path("from-env")
+
+
+# ------------------------------------------------------------------ plugins, offline
+
+
+def test_offline_plugin_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dirs: list[str]
+) -> None:
+    name = f"{PREFIX}echo"
+    zip_path = tmp_path / "echo.zip"
+    zip_path.write_bytes(archive(name, code("zzcliecho", "meow")))
+
+    assert run_cli(capsys, "plugins", "install", str(zip_path), *dirs) == (
+        0,
+        f"installed {name} 1.0 (disabled)\n",
+        "",
+    )
+    assert (tmp_path / "plugins" / name / "plugin.toml").is_file()
+
+    code_, out, _ = run_cli(capsys, "plugins", "list", *dirs)
+    assert code_ == 0
+    assert out.splitlines()[0].split() == ["NAME", "VERSION", "SOURCE", "STATE"]
+    row = next(line for line in out.splitlines() if line.startswith(name))
+    assert row.split() == [name, "1.0", "user", "disabled"]
+
+    assert run_cli(capsys, "plugins", *dirs, "enable", name) == (
+        0,
+        f"enabled {name} (active)\n",
+        "",
+    )
+    info = plugin_states(capsys, dirs)[name]
+    assert info["enabled"] and info["state"] == "active"
+    assert info["commands"] == [f"{name}:zzcliecho"]
+
+    assert run_cli(capsys, "plugins", "reload", name, *dirs)[:2] == (
+        0,
+        f"reloaded {name} (active)\n",
+    )
+    assert run_cli(capsys, "plugins", "disable", name, *dirs)[:2] == (0, f"disabled {name}\n")
+    assert plugin_states(capsys, dirs)[name]["enabled"] is False
+
+    zip_path.write_bytes(archive(name, code("zzcliecho", "purr"), manifest={"version": "2.0"}))
+    code_, out, _ = run_cli(capsys, "plugins", "install", str(zip_path), "--dry-run", *dirs)
+    assert code_ == 1  # exists and no --overwrite
+    code_, out, _ = run_cli(
+        capsys, "plugins", "install", str(zip_path), "--dry-run", "--overwrite", *dirs
+    )
+    assert (code_, out) == (0, f"would replace {name} 2.0 (dry run, nothing written)\n")
+    assert plugin_states(capsys, dirs)[name]["version"] == "1.0"
+
+    code_, out, _ = run_cli(
+        capsys, "plugins", "install", str(zip_path), "--overwrite", "--enable", *dirs
+    )
+    assert (code_, out) == (0, f"replaced {name} 2.0 (active)\n")
+    assert plugin_states(capsys, dirs)[name]["state"] == "active"
+
+    assert run_cli(capsys, "plugins", "remove", name, *dirs)[:2] == (0, f"removed {name}\n")
+    assert not (tmp_path / "plugins" / name).exists()
+    assert name not in plugin_states(capsys, dirs)
+
+    code_, out, err = run_cli(capsys, "plugins", "enable", name, *dirs)
+    assert (code_, out) == (1, "")
+    assert err == f"nekobot: error: no plugin named {name!r}\n"
+
+
+def test_install_reports_conflicts_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dirs: list[str]
+) -> None:
+    write_plugin(tmp_path / "plugins", f"{PREFIX}first", code("zzcliping", "first"))
+    second = tmp_path / "second.zip"
+    second.write_bytes(archive(f"{PREFIX}second", code("zzcliping", "second")))
+    code_, out, _ = run_cli(capsys, "plugins", "install", str(second), "--dry-run", *dirs)
+    assert code_ == 0
+    lines = out.splitlines()
+    assert lines[0] == f"would install {PREFIX}second 1.0 (dry run, nothing written)"
+    assert lines[1].startswith("conflict: command 'zzcliping' is claimed by")
+    assert lines[1].endswith(f"{PREFIX}first holds it")
+    assert sorted(p.name for p in (tmp_path / "plugins").iterdir()) == [f"{PREFIX}first"]
+
+    evil = tmp_path / "evil.zip"
+    evil.write_bytes(make_zip([("../evil.py", b"x"), ("pkg/__init__.py", b"")]))
+    code_, out, err = run_cli(capsys, "plugins", "install", str(evil), *dirs)
+    assert (code_, out) == (1, "")
+    assert err.startswith("nekobot: error: archive entry '../evil.py' escapes")
+
+    not_zip = tmp_path / "notes.txt"
+    not_zip.write_text("hello")
+    code_, _, err = run_cli(capsys, "plugins", "install", str(not_zip), *dirs)
+    assert code_ == 1 and err.startswith("nekobot: error: file is not a zip archive")
+
+    code_, _, err = run_cli(capsys, "plugins", "install", str(tmp_path / "missing.zip"), *dirs)
+    assert code_ == 1 and err.startswith("nekobot: error: cannot read")
+    assert sorted(p.name for p in (tmp_path / "plugins").iterdir()) == [f"{PREFIX}first"]
+
+
+def test_broken_plugin_and_essential_plugin_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dirs: list[str]
+) -> None:
+    write_plugin(tmp_path / "plugins", f"{PREFIX}broken", "1 / 0\n")
+    meta_path = list(sys.meta_path)
+    handlers = (list(logging.getLogger().handlers), list(logging.getLogger("nekobot").handlers))
+    for action in ("enable", "reload"):
+        code_, out, err = run_cli(capsys, "plugins", action, f"{PREFIX}broken", *dirs)
+        assert (code_, out) == (1, "")
+        assert err.splitlines()[-1].startswith("nekobot: error: ")
+        assert "ZeroDivisionError" in err.splitlines()[-1]
+    info = plugin_states(capsys, dirs)[f"{PREFIX}broken"]
+    assert info["state"] == "failed" and "ZeroDivisionError" in info["error"]
+
+    code_, _, err = run_cli(capsys, "plugins", "disable", "api", *dirs)
+    assert code_ == 1
+    assert (
+        err.splitlines()[-1] == "nekobot: error: plugin 'api' is essential and cannot be disabled"
+    )
+    code_, _, err = run_cli(capsys, "plugins", "remove", "api", *dirs)
+    assert code_ == 1 and "only user plugins can be deleted" in err
+    # A failed command leaves no import finder or log handler behind in the process.
+    assert sys.meta_path == meta_path
+    assert handlers == (
+        list(logging.getLogger().handlers),
+        list(logging.getLogger("nekobot").handlers),
+    )
+
+
+def test_default_directories_and_the_data_dir_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEKOBOT_DATA_DIR", raising=False)
+    write_plugin(tmp_path / "user_plugins", f"{PREFIX}local", code("zzclilocal", "hi"))
+    assert plugin_states(capsys, [])[f"{PREFIX}local"]["state"] == "active"
+    assert (tmp_path / "data" / "nekobot.db").is_file()
+
+    monkeypatch.setenv("NEKOBOT_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert run_cli(capsys, "plugins", "disable", f"{PREFIX}local")[0] == 0
+    assert (tmp_path / "elsewhere" / "nekobot.db").is_file()
+    # The setting went to the directory the variable names, not to ./data.
+    assert plugin_states(capsys, [])[f"{PREFIX}local"]["enabled"] is False
+    monkeypatch.delenv("NEKOBOT_DATA_DIR")
+    assert plugin_states(capsys, [])[f"{PREFIX}local"]["enabled"] is True
+    # --data-dir wins over the variable.
+    monkeypatch.setenv("NEKOBOT_DATA_DIR", str(tmp_path / "elsewhere"))
+    states = plugin_states(capsys, ["--data-dir", str(tmp_path / "data")])
+    assert states[f"{PREFIX}local"]["enabled"] is True
+
+
+# ------------------------------------------------------------------ nekobot run
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_run_serves_until_interrupted(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "NEKOBOT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel", "run", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        with httpx.Client(trust_env=False, timeout=2) as client:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"nekobot run exited early: {proc.communicate()}")
+                try:
+                    response = client.get(f"http://127.0.0.1:{port}/api/health")
+                    if response.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("nekobot run did not answer /api/health within 15 s")
+                time.sleep(0.1)
+        assert response.json()["data"]["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert "kernel" in err and "stopped" in err
+        assert (tmp_path / "data" / "nekobot.db").is_file()
+        assert (tmp_path / "user_plugins").is_dir()  # the default plugin directory, in cwd
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -1,0 +1,394 @@
+"""Tests of kernel.install: installing plugin archives into a running kernel, dry runs,
+transactional overwrite, and the malicious-archive corpus leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel import (
+    InstallError,
+    ManifestError,
+    PluginLoadError,
+    PluginState,
+    ReloadError,
+)
+from kernel.archive import STAGING_PREFIX, ArchiveLimits
+from kernel.install import install_archive
+from kernel.testing import MockBot, running_kernel
+from tests.kernel.test_archive import MALICIOUS, make_zip
+from tests.plugin_factory import manifest_text, purge_modules, write_plugin
+
+PREFIX = "zz_inst_"
+
+COMMAND = """
+from kernel import CommandSpec, hookimpl
+
+async def answer(cmd):
+    return "{reply}"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("{command}", answer)]
+"""
+
+FAILS_TO_START = (
+    COMMAND
+    + """
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    raise RuntimeError("cannot start")
+"""
+)
+
+
+def code(command: str, reply: str) -> str:
+    return COMMAND.format(command=command, reply=reply)
+
+
+def archive(
+    name: str,
+    source: str,
+    *,
+    manifest: dict[str, object] | None = None,
+    files: dict[str, str] | None = None,
+) -> bytes:
+    entries: list[tuple[str, bytes]] = [
+        (f"{name}/__init__.py", source.encode()),
+        (f"{name}/plugin.toml", manifest_text(name, manifest).encode()),
+    ]
+    entries.extend((f"{name}/{rel}", text.encode()) for rel, text in (files or {}).items())
+    return make_zip(entries)
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugin_modules() -> Iterator[None]:
+    yield
+    for module in [m for m in sys.modules if m.startswith(PREFIX)]:
+        purge_modules(module)
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "plugins"
+    path.mkdir()
+    return path
+
+
+# ------------------------------------------------------------------ installing
+
+
+@pytest.mark.anyio
+async def test_install_and_enable_then_the_command_answers(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}echo"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        bot = MockBot(kernel)
+        result = await install_archive(
+            kernel,
+            archive(name, code("zzecho", "meow"), files={"util/__init__.py": "X = 1\n"}),
+            enable=True,
+        )
+        assert result.installed and result.enabled and not result.dry_run
+        assert not result.replaced and result.conflicts == ()
+        assert result.name == name and result.manifest.version == "1.0"
+        assert result.plugin is not None and result.plugin.state is PluginState.ACTIVE
+        assert result.plugin.commands == (f"{name}:zzecho",)
+        assert await bot.receive("/zzecho") == ["meow"]
+        assert (plugin_dir / name / "util" / "__init__.py").read_text() == "X = 1\n"
+        assert names(plugin_dir) == [name]
+
+
+@pytest.mark.anyio
+async def test_install_without_enable_stays_disabled_across_restarts(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}quiet"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        result = await install_archive(kernel, archive(name, code("zzquiet", "shh")))
+        assert result.installed and not result.enabled
+        assert result.plugin is not None and not result.plugin.enabled
+        assert await MockBot(kernel).receive("/zzquiet") == []
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        info = kernel.plugins.info(name)
+        assert not info.enabled and info.state is not PluginState.ACTIVE
+        await kernel.plugins.enable(name)
+        assert await MockBot(kernel).receive("/zzquiet") == ["shh"]
+
+
+@pytest.mark.anyio
+async def test_install_into_a_missing_plugin_directory(tmp_path: Path) -> None:
+    plugin_dir = tmp_path / "not" / "yet"
+    name = f"{PREFIX}fresh"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        await install_archive(kernel, archive(name, code("zzfresh", "new")), enable=True)
+        assert await MockBot(kernel).receive("/zzfresh") == ["new"]
+    assert names(plugin_dir) == [name]
+
+
+@pytest.mark.anyio
+async def test_archive_made_by_shutil_installs(tmp_path: Path, plugin_dir: Path) -> None:
+    # Real archivers add directory entries and Unix modes; those must pass.
+    name = f"{PREFIX}shutil"
+    write_plugin(
+        tmp_path / "src", name, code("zzshutil", "made"), files={"sub/helpers.py": "Y = 1\n"}
+    )
+    made = make_archive(tmp_path / "src", name)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        await install_archive(kernel, made, enable=True)
+        assert await MockBot(kernel).receive("/zzshutil") == ["made"]
+
+
+def make_archive(root: Path, name: str) -> bytes:
+    base = shutil.make_archive(str(root.parent / "made"), "zip", root_dir=root, base_dir=name)
+    return Path(base).read_bytes()
+
+
+# ------------------------------------------------------------------ dry run
+
+
+@pytest.mark.anyio
+async def test_dry_run_reports_conflicts_and_writes_nothing(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    first, second = f"{PREFIX}first", f"{PREFIX}second"
+    write_plugin(plugin_dir, first, code("zzping", "first"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        before = listing(plugin_dir)
+        result = await install_archive(
+            kernel, archive(second, code("zzping", "second")), dry_run=True, enable=True
+        )
+        assert result.dry_run and not result.installed and not result.enabled
+        assert result.plugin is None and not result.replaced
+        assert len(result.conflicts) == 1
+        conflict = result.conflicts[0]
+        assert conflict.key == "zzping" and conflict.holder == first
+        assert {p for p, _ in conflict.candidates} == {first, second}
+        assert listing(plugin_dir) == before
+        assert second not in kernel.plugins.records
+        assert second not in sys.modules
+        assert await MockBot(kernel).receive("/zzping") == ["first"]
+
+
+@pytest.mark.anyio
+async def test_dry_run_of_a_running_plugin_does_not_disturb_it(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}live"
+    write_plugin(plugin_dir, name, code("zzlive", "v1"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        bot = MockBot(kernel)
+        module = sys.modules[name]
+        root = kernel.loader.finder.roots[name]
+        files = tree(plugin_dir)
+        result = await install_archive(
+            kernel, archive(name, code("zzlive", "v2")), overwrite=True, dry_run=True
+        )
+        assert result.dry_run and result.replaced and result.conflicts == ()
+        assert result.plugin is not None and result.plugin.state is PluginState.ACTIVE
+        assert sys.modules[name] is module
+        assert kernel.loader.finder.roots[name] == root
+        assert tree(plugin_dir) == files
+        assert await bot.receive("/zzlive") == ["v1"]
+
+
+@pytest.mark.anyio
+async def test_dry_run_reports_a_plugin_that_does_not_import(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}broken_dry"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with pytest.raises(PluginLoadError, match="ZeroDivisionError"):
+            await install_archive(kernel, archive(name, "1 / 0\n"), dry_run=True)
+        assert listing(plugin_dir) == []
+        assert name not in sys.modules
+
+
+# ------------------------------------------------------------------ overwrite
+
+
+@pytest.mark.anyio
+async def test_overwrite_of_an_active_plugin_swaps_it(tmp_path: Path, plugin_dir: Path) -> None:
+    name = f"{PREFIX}swap"
+    write_plugin(plugin_dir, name, code("zzswap", "v1"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        bot = MockBot(kernel)
+        assert await bot.receive("/zzswap") == ["v1"]
+        with pytest.raises(InstallError, match="already installed"):
+            await install_archive(kernel, archive(name, code("zzswap", "v2")))
+        result = await install_archive(
+            kernel, archive(name, code("zzswap", "v2"), manifest={"version": "2.0"}), overwrite=True
+        )
+        assert result.replaced and result.enabled and result.plugin is not None
+        assert result.plugin.version == "2.0"
+        assert await bot.receive("/zzswap") == ["v2"]
+        assert names(plugin_dir) == [name]
+
+
+@pytest.mark.anyio
+async def test_overwrite_with_a_version_that_fails_to_start_keeps_the_old_one(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}keep"
+    write_plugin(plugin_dir, name, code("zzkeep", "old"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        bot = MockBot(kernel)
+        files = tree(plugin_dir)
+        broken = FAILS_TO_START.format(command="zzkeep", reply="new")
+        with pytest.raises(ReloadError, match="cannot start"):
+            await install_archive(kernel, archive(name, broken), overwrite=True)
+        assert tree(plugin_dir) == files
+        assert kernel.plugins.info(name).state is PluginState.ACTIVE
+        assert await bot.receive("/zzkeep") == ["old"]
+        # The old files are what is loaded again: a reload still works.
+        await kernel.plugins.reload(name)
+        assert await bot.receive("/zzkeep") == ["old"]
+
+
+@pytest.mark.anyio
+async def test_overwrite_with_a_version_that_does_not_import_changes_nothing(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}noimport"
+    write_plugin(plugin_dir, name, code("zznoimport", "old"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        bot = MockBot(kernel)
+        module = sys.modules[name]
+        files = tree(plugin_dir)
+        with pytest.raises(PluginLoadError, match="SyntaxError"):
+            await install_archive(kernel, archive(name, "def (:\n"), overwrite=True)
+        assert tree(plugin_dir) == files
+        assert sys.modules[name] is module
+        assert await bot.receive("/zznoimport") == ["old"]
+
+
+@pytest.mark.anyio
+async def test_overwrite_of_a_disabled_plugin_keeps_it_disabled(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}off"
+    write_plugin(plugin_dir, name, code("zzoff", "v1"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        await kernel.plugins.disable(name)
+        result = await install_archive(
+            kernel, archive(name, code("zzoff", "v2"), manifest={"version": "2.0"}), overwrite=True
+        )
+        assert result.replaced and not result.enabled
+        assert kernel.plugins.info(name).version == "2.0"
+        await kernel.plugins.enable(name)
+        assert await MockBot(kernel).receive("/zzoff") == ["v2"]
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.anyio
+async def test_failing_enable_after_install_leaves_nothing_behind(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}nostart"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        data = archive(name, FAILS_TO_START.format(command="zznostart", reply="x"))
+        with pytest.raises(PluginLoadError, match="cannot start"):
+            await install_archive(kernel, data, enable=True)
+        assert listing(plugin_dir) == []
+        assert name not in kernel.plugins.records
+        assert name not in sys.modules
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        assert name not in kernel.plugins.records
+
+
+@pytest.mark.anyio
+async def test_name_of_a_builtin_or_a_module_is_refused(tmp_path: Path, plugin_dir: Path) -> None:
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugin_dir], builtin_plugins=["help"]
+    ) as kernel:
+        with pytest.raises(InstallError, match="taken by the builtin plugin"):
+            await install_archive(kernel, archive("help", ""), overwrite=True)
+        with pytest.raises(InstallError, match="shadow an importable module"):
+            await install_archive(kernel, archive("json", ""))
+        with pytest.raises(InstallError, match="shadow an importable module"):
+            await install_archive(kernel, archive("pytest", ""))
+        assert listing(plugin_dir) == []
+
+
+@pytest.mark.anyio
+async def test_dependencies_are_refused_while_pip_install_is_off(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}deps"
+    data = archive(name, "", manifest={"dependencies": ["requests>=2"]})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with pytest.raises(InstallError, match="dependency installation is disabled"):
+            await install_archive(kernel, data)
+        with pytest.raises(InstallError, match="requests>=2"):
+            await install_archive(kernel, data, dry_run=True)
+        assert listing(plugin_dir) == []
+
+
+@pytest.mark.anyio
+async def test_incompatible_plugin_is_refused(tmp_path: Path, plugin_dir: Path) -> None:
+    data = archive(f"{PREFIX}future", "", manifest={"nekobot": ">=99"})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with pytest.raises(ManifestError, match="nekobot"):
+            await install_archive(kernel, data)
+        assert listing(plugin_dir) == []
+
+
+@pytest.mark.anyio
+async def test_existing_directory_of_that_name_needs_overwrite(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}clash"
+    (plugin_dir / name).mkdir()
+    (plugin_dir / name / "notes.txt").write_text("mine")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with pytest.raises(InstallError, match="already exists"):
+            await install_archive(kernel, archive(name, code("zzclash", "hi")))
+        assert listing(plugin_dir) == [name, f"{name}/notes.txt"]
+
+
+@pytest.mark.anyio
+async def test_upload_limit_comes_from_the_settings(tmp_path: Path, plugin_dir: Path) -> None:
+    data = archive(f"{PREFIX}big", f"X = {os.urandom(2000).hex()!r}\n")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        await kernel.update_settings(upload_max_bytes=1024)
+        with pytest.raises(InstallError, match="over the limit"):
+            await install_archive(kernel, data)
+        assert listing(plugin_dir) == []
+
+
+@pytest.mark.anyio
+async def test_malicious_corpus_leaves_the_plugin_directory_untouched(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    write_plugin(plugin_dir, f"{PREFIX}bystander", code("zzby", "still here"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        before = tree(plugin_dir)
+        records = set(kernel.plugins.records)
+        for case, make, limits, pattern in MALICIOUS:
+            with pytest.raises((InstallError, ManifestError), match=pattern):
+                await install_archive(kernel, make(), enable=True, limits=limits or ArchiveLimits())
+            assert tree(plugin_dir) == before, case
+            assert not [n for n in names(plugin_dir) if n.startswith(STAGING_PREFIX)]
+            assert set(kernel.plugins.records) == records, case
+        assert not (tmp_path / "evil.py").exists()
+        assert await MockBot(kernel).receive("/zzby") == ["still here"]

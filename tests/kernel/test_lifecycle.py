@@ -1,0 +1,416 @@
+"""Tests of kernel.lifecycle: plugin state transitions, the Scope and the Gate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from kernel import DisposedError, KernelEvent, PluginContext, PluginLoadError, PluginState
+from kernel.kernel import Kernel
+from kernel.lifecycle import Gate, GateClosedError, Scope
+from kernel.testing import MockBot, running_kernel
+from tests.plugin_factory import write_plugin
+
+# Plugins report what they see through a list the test provides as the `probe` service.
+PROBED = """
+import anyio
+from kernel import CommandSpec, hookimpl
+
+def probe(ctx):
+    found = ctx.services.get("probe")
+    return found if found is not None else []
+
+async def ping(cmd):
+    return "pong {tag}"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("{command}", ping)]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    probe(ctx).append(("start", ctx.kernel.plugins.info(ctx.name).state))
+    {start}
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    probe(ctx).append(("stop", ctx.kernel.plugins.info(ctx.name).state))
+"""
+
+
+def probed(command: str, *, tag: str = "v1", start: str = "pass") -> str:
+    return PROBED.format(command=command, tag=tag, start=start)
+
+
+def state(kernel: Kernel, name: str) -> PluginState:
+    return kernel.plugins.info(name).state
+
+
+def provide_probe(kernel: Kernel) -> list[Any]:
+    probe: list[Any] = []
+    kernel.services.provide("tests", "probe", probe)
+    return probe
+
+
+def event_log(kernel: Kernel) -> list[KernelEvent]:
+    events: list[KernelEvent] = []
+    kernel.subscribe_events(events.append)
+    return events
+
+
+# ------------------------------------------------------------------ transitions
+
+
+@pytest.mark.anyio
+async def test_enable_goes_pending_loading_active(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        probe = provide_probe(kernel)
+        events = event_log(kernel)
+        write_plugin(plugins, "lc_alpha", probed("lc_ping"))
+        assert await kernel.plugins.rescan() == ["lc_alpha"]
+        assert state(kernel, "lc_alpha") is PluginState.PENDING
+        assert kernel.commands.lookup("lc_ping") is None
+
+        result = await kernel.plugins.enable("lc_alpha")
+
+        assert probe == [("start", PluginState.LOADING)]
+        assert result.plugin.state is PluginState.ACTIVE
+        assert state(kernel, "lc_alpha") is PluginState.ACTIVE
+        assert kernel.plugins.info("lc_alpha").enabled
+        assert [e.type for e in events if e.plugin == "lc_alpha"] == ["plugin.enabled"]
+        assert await MockBot(kernel).receive("/lc_ping") == ["pong v1"]
+
+
+@pytest.mark.anyio
+async def test_disable_goes_unloading_disposed(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        probe = provide_probe(kernel)
+        events = event_log(kernel)
+        write_plugin(plugins, "lc_beta", probed("lc_beta_ping"))
+        await kernel.plugins.rescan()
+        await kernel.plugins.enable("lc_beta")
+        bot = MockBot(kernel)
+        assert await bot.receive("/lc_beta_ping") == ["pong v1"]
+
+        result = await kernel.plugins.disable("lc_beta")
+
+        assert probe[-1] == ("stop", PluginState.UNLOADING)
+        assert result.plugin.state is PluginState.DISPOSED
+        assert not result.plugin.enabled
+        assert state(kernel, "lc_beta") is PluginState.DISPOSED
+        assert kernel.commands.lookup("lc_beta_ping") is None
+        assert await bot.receive("/lc_beta_ping") == []
+        assert "lc_beta" not in kernel.loader.finder.roots
+        assert [e.type for e in events if e.plugin == "lc_beta"] == [
+            "plugin.enabled",
+            "plugin.disabled",
+        ]
+        # Disabling again changes nothing and emits nothing.
+        again = await kernel.plugins.disable("lc_beta")
+        assert not again.changed
+        assert len([e for e in events if e.plugin == "lc_beta"]) == 2
+
+        # And it comes back.
+        await kernel.plugins.enable("lc_beta")
+        assert state(kernel, "lc_beta") is PluginState.ACTIVE
+        assert await bot.receive("/lc_beta_ping") == ["pong v1"]
+
+
+@pytest.mark.anyio
+async def test_import_error_fails_then_reload_after_fix_activates(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_gamma", "raise RuntimeError('gamma is broken')\n")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        info = kernel.plugins.info("lc_gamma")
+        assert info.state is PluginState.FAILED
+        assert info.error is not None and "gamma is broken" in info.error
+        assert any(
+            r.plugin == "lc_gamma" and r.level == "ERROR" and "gamma is broken" in r.message
+            for r in kernel.logging.buffer.records
+        )
+        with pytest.raises(PluginLoadError, match="gamma is broken"):
+            await kernel.plugins.enable("lc_gamma")
+        assert state(kernel, "lc_gamma") is PluginState.FAILED
+        assert "lc_gamma" not in kernel.plugins.pm.list_name_plugin()
+
+        write_plugin(plugins, "lc_gamma", probed("lc_gamma_ping", tag="fixed"))
+        result = await kernel.plugins.reload("lc_gamma")
+
+        assert result.plugin.state is PluginState.ACTIVE
+        assert result.plugin.error is None
+        assert await MockBot(kernel).receive("/lc_gamma_ping") == ["pong fixed"]
+
+
+@pytest.mark.anyio
+async def test_start_raising_fails_and_withdraws_everything(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        probe = provide_probe(kernel)
+        code = probed(
+            "lc_delta_ping",
+            start="ctx.on_dispose(lambda: probe(ctx).append('disposed'))\n"
+            "    raise ValueError('no start for you')",
+        )
+        write_plugin(plugins, "lc_delta", code)
+        await kernel.plugins.rescan()
+        routes_before = len(kernel.asgi_app.routes)
+
+        with pytest.raises(PluginLoadError, match="no start for you"):
+            await kernel.plugins.enable("lc_delta")
+
+        info = kernel.plugins.info("lc_delta")
+        assert info.state is PluginState.FAILED
+        assert info.error is not None and "ValueError: no start for you" in info.error
+        # What the failed start acquired was disposed, and nothing stays registered.
+        assert probe[0] == ("start", PluginState.LOADING)
+        assert probe[-1] == "disposed"
+        assert kernel.commands.lookup("lc_delta_ping") is None
+        assert kernel.commands.owned_by("lc_delta") == []
+        assert len(kernel.asgi_app.routes) == routes_before
+        assert not [n for n, _ in kernel.plugins.pm.list_name_plugin() if n.startswith("lc_delta")]
+        assert all(p != "lc_delta" for idx in kernel.plugins.hook_index.values() for p, _, _ in idx)
+        bot = MockBot(kernel)
+        assert await bot.receive("/lc_delta_ping") == []
+
+        write_plugin(plugins, "lc_delta", probed("lc_delta_ping", tag="healed"))
+        await kernel.plugins.reload("lc_delta")
+        assert state(kernel, "lc_delta") is PluginState.ACTIVE
+        assert await bot.receive("/lc_delta_ping") == ["pong healed"]
+
+
+@pytest.mark.anyio
+async def test_start_timing_out_fails(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_slowstart", probed("lc_slow", start="await anyio.sleep_forever()"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=0.2) as kernel:
+        info = kernel.plugins.info("lc_slowstart")
+        assert info.state is PluginState.FAILED
+        assert info.error is not None and "timed out" in info.error
+
+
+# ------------------------------------------------------------------ the scope
+
+SCOPED = """
+import contextlib
+
+import anyio
+from kernel import hookimpl
+
+@contextlib.asynccontextmanager
+async def resource(probe):
+    probe.append("enter resource")
+    try:
+        yield "the resource"
+    finally:
+        probe.append("exit resource")
+
+async def worker(probe, ready):
+    probe.append("task running")
+    ready.set()
+    try:
+        await anyio.sleep_forever()
+    except anyio.get_cancelled_exc_class():
+        probe.append("task cancelled")
+        raise
+
+async def hang():
+    await anyio.sleep_forever()
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    probe = ctx.services.get("probe")
+    if probe is None:
+        return
+    probe.append(ctx)
+    ready = anyio.Event()
+    ctx.on_dispose(lambda: probe.append("callback 1"))
+    value = await ctx.enter_async_context(resource(probe))
+    probe.append(value)
+    async def second():
+        probe.append("callback 2")
+    ctx.on_dispose(second)
+    ctx.on_dispose(hang, name="hanging step")
+    ctx.on_dispose(lambda: 1 / 0, name="crashing step")
+    ctx.start_task(worker, probe, ready, name="worker")
+    await ready.wait()
+"""
+
+
+@pytest.mark.anyio
+async def test_scope_disposal_on_disable(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=0.2) as kernel:
+        probe = provide_probe(kernel)
+        write_plugin(plugins, "lc_scoped", SCOPED)
+        await kernel.plugins.rescan()
+        await kernel.plugins.enable("lc_scoped")
+        ctx = probe.pop(0)
+        assert probe == ["enter resource", "the resource", "task running"]
+        scope = ctx.scope
+        assert scope.live_tasks == 1
+        probe.clear()
+
+        with anyio.fail_after(5):  # the hanging callback is bounded by hook_timeout
+            await kernel.plugins.disable("lc_scoped")
+
+        # Tasks are cancelled first, then callbacks run last-registered first; a step
+        # that hangs or raises is logged and the rest still run.
+        assert probe == ["task cancelled", "callback 2", "exit resource", "callback 1"]
+        assert scope.live_tasks == 0
+        messages = [r.message for r in kernel.logging.buffer.records if r.plugin == "lc_scoped"]
+        assert any("'hanging step' timed out" in m for m in messages)
+        assert any("'crashing step' failed" in m for m in messages)
+
+        async def nothing() -> None:
+            pass
+
+        with pytest.raises(DisposedError):
+            ctx.start_task(nothing)
+        with pytest.raises(DisposedError):
+            ctx.on_dispose(nothing)
+        with pytest.raises(DisposedError):
+            await ctx.enter_async_context(NeverEntered())
+        with pytest.raises(DisposedError):
+            await ctx.emit("lc.event")
+
+
+class NeverEntered:
+    async def __aenter__(self) -> None:
+        raise AssertionError("a disposed scope entered a context")
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.anyio
+async def test_scope_disposed_on_reload_and_shutdown(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=0.2) as kernel:
+        probe = provide_probe(kernel)
+        write_plugin(plugins, "lc_scoped2", SCOPED)
+        await kernel.plugins.rescan()
+        await kernel.plugins.enable("lc_scoped2")
+        first_ctx = probe.pop(0)
+        probe.clear()
+        await kernel.plugins.reload("lc_scoped2")
+        # The old generation is disposed before the new one starts.
+        assert probe[:4] == ["task cancelled", "callback 2", "exit resource", "callback 1"]
+        second_ctx = probe[4]
+        assert isinstance(second_ctx, PluginContext) and second_ctx is not first_ctx
+        assert first_ctx.scope.closed and not second_ctx.scope.closed
+        probe.clear()
+    # Leaving the kernel disposes the active generation too.
+    assert probe == ["task cancelled", "callback 2", "exit resource", "callback 1"]
+    assert second_ctx.scope.closed
+
+
+@pytest.mark.anyio
+async def test_scope_unit_behaviour() -> None:
+    log = logging.LoggerAdapter(logging.getLogger("nekobot.tests.scope"), {})
+    order: list[str] = []
+    async with anyio.create_task_group() as tg:
+        scope = Scope("unit", tg, log, step_timeout=0.1)
+
+        async def crash() -> None:
+            raise RuntimeError("task crash is logged, not raised")
+
+        async def stubborn() -> None:
+            # Ignores cancellation for a while: disposal gives up after step_timeout.
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.5)
+            order.append("stubborn done")
+
+        handle = scope.start_task(crash)
+        await handle.wait()
+        assert scope.live_tasks == 0
+        scope.start_task(stubborn)
+        scope.on_dispose(lambda: order.append("a"))
+        scope.on_dispose(lambda: order.append("b"))
+        with anyio.fail_after(5):
+            await scope.dispose()
+        assert order == ["b", "a"]
+        await scope.dispose()  # idempotent: nothing runs twice
+        assert order == ["b", "a"]
+        assert scope.closed
+        with pytest.raises(DisposedError):
+            scope.on_dispose(lambda: None)
+    assert order == ["b", "a", "stubborn done"]
+
+
+@pytest.mark.anyio
+async def test_gate_waits_for_calls_in_flight() -> None:
+    gate = Gate()
+    with pytest.raises(GateClosedError):
+        gate.enter()  # a gate starts closed
+    gate.open()
+    gate.enter()
+    assert gate.in_flight == 1
+    done: list[bool] = []
+
+    async def close() -> None:
+        done.append(await gate.close(5))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close)
+        await anyio.sleep(0.01)
+        assert gate.closed and not done
+        with pytest.raises(GateClosedError):
+            gate.enter()
+        gate.leave()
+    assert done == [True]
+    gate2 = Gate(open=True)
+    gate2.enter()
+    assert await gate2.close(0.01) is False
+
+
+ORDERED = """
+from kernel import hookimpl
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    ctx.services.get("probe").append(ctx.name)
+"""
+
+
+@pytest.mark.anyio
+async def test_shutdown_retires_the_last_loaded_first(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    probe: list[str] = []
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], builtin_plugins=["api", "help"]
+    ) as kernel:
+        kernel.services.provide("tests", "probe", probe)
+        for name in ("lc_order_c", "lc_order_a", "lc_order_b"):
+            write_plugin(plugins, name, ORDERED)
+            await kernel.plugins.rescan()
+            await kernel.plugins.enable(name)
+        await kernel.plugins.reload("lc_order_c")  # now the most recently loaded
+        probe.clear()
+        api_gen = kernel.plugins.records["api"].generation
+        help_gen = kernel.plugins.records["help"].generation
+        assert api_gen is not None and help_gen is not None
+        scopes = {"api": api_gen.scope, "help": help_gen.scope}
+        closed_when: dict[str, list[str]] = {}
+
+        def watch(name: str) -> None:
+            closed_when[name] = list(probe)
+
+        for name, scope in scopes.items():
+            assert scope is not None
+            scope.on_dispose(lambda name=name: watch(name))  # type: ignore[misc]
+    assert probe == ["lc_order_c", "lc_order_b", "lc_order_a"]
+    # Builtins were loaded first, so they go after the user plugins; the essential last.
+    assert closed_when["help"] == probe
+    assert closed_when["api"] == probe

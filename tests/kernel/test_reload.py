@@ -1,0 +1,444 @@
+"""Tests of reloading: transactional reload failures, reload under message load, and
+hot reload (kernel.reload) driven by file changes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from kernel import KernelEvent, PluginState, ReloadError
+from kernel.kernel import Kernel
+from kernel.testing import MockBot, running_kernel
+from tests.plugin_factory import write_plugin
+
+MAIN = """
+from starlette.responses import PlainTextResponse
+from kernel import CommandSpec, RouteSpec, hookimpl
+{extra_imports}
+
+async def cmd(cmd):
+    return "{tag}"
+
+async def page(request):
+    return PlainTextResponse("{tag}")
+
+@hookimpl
+def nekobot_commands():
+    return [{commands}]
+
+@hookimpl
+def nekobot_routes():
+    return [{routes}]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    {start}
+"""
+
+
+def main_code(
+    tag: str,
+    *,
+    extra_imports: str = "",
+    commands: str = 'CommandSpec("rl_cmd", cmd)',
+    routes: str = 'RouteSpec("/rl/main", page, public=True)',
+    start: str = "pass",
+) -> str:
+    return MAIN.format(
+        tag=tag, extra_imports=extra_imports, commands=commands, routes=routes, start=start
+    )
+
+
+OTHER = """
+from starlette.responses import PlainTextResponse
+from kernel import RouteSpec, hookimpl
+
+async def taken(request):
+    return PlainTextResponse("other")
+
+@hookimpl
+def nekobot_routes():
+    return [RouteSpec("/rl/taken", taken, methods=("GET",), public=True)]
+"""
+
+BROKEN = {
+    "syntax error": main_code("v2").replace("async def cmd(cmd):", "async def cmd(cmd)"),
+    "import error": main_code("v2", extra_imports="raise ImportError('rl dependency missing')"),
+    "start raises": main_code("v2", start="raise RuntimeError('rl start exploded')"),
+    "route conflict": main_code(
+        "v2",
+        routes='RouteSpec("/rl/main", page, public=True), '
+        'RouteSpec("/rl/taken", page, methods=("GET",), public=True)',
+    ),
+    "duplicate command key": main_code(
+        "v2", commands='CommandSpec("rl_cmd", cmd), CommandSpec("rl_new", cmd, aliases=("rl_cmd",))'
+    ),
+}
+
+EXPECTED_ERROR = {
+    "syntax error": "SyntaxError",
+    "import error": "rl dependency missing",
+    "start raises": "rl start exploded",
+    "route conflict": "already registered by plugin 'rl_other'",
+    "duplicate command key": "declares command key 'rl_cmd' twice",
+}
+
+
+async def http_get(kernel: Kernel, path: str) -> tuple[int, str]:
+    transport = httpx.ASGITransport(app=kernel.asgi_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://nekobot.test") as client:
+        response = await client.get(path)
+        return response.status_code, response.text
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
+    """Poll `check` until it is true or `timeout` passes; return its last value."""
+    with anyio.move_on_after(timeout):
+        # Polling: what is awaited (a file watcher, a background task) has no event.
+        while not await check():  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        return True
+    return await check()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+async def test_failed_reload_keeps_the_old_generation(tmp_path: Path, kind: str) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_main", main_code("v1"))
+    write_plugin(plugins, "rl_other", OTHER)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        events: list[KernelEvent] = []
+        kernel.subscribe_events(events.append)
+        bot = MockBot(kernel)
+        assert await bot.receive("/rl_cmd") == ["v1"]
+        old_generation = kernel.plugins.records["rl_main"].generation
+        routes_before = sorted(str(e.item[0]) for e in kernel.routes)
+        seq_before = max((r.seq for r in kernel.logging.buffer.records), default=0)
+
+        write_plugin(plugins, "rl_main", BROKEN[kind])
+        with pytest.raises(ReloadError) as caught:
+            await kernel.plugins.reload("rl_main")
+
+        assert caught.value.plugin == "rl_main"
+        assert "previous version kept" in caught.value.message
+        assert EXPECTED_ERROR[kind] in caught.value.message
+        # The old generation still answers, on every surface.
+        assert await bot.receive("/rl_cmd") == ["v1"]
+        assert await http_get(kernel, "/rl/main") == (200, "v1")
+        assert await http_get(kernel, "/rl/taken") == (200, "other")
+        assert kernel.commands.lookup("rl_new") is None
+        assert sorted(str(e.item[0]) for e in kernel.routes) == routes_before
+        info = kernel.plugins.info("rl_main")
+        assert info.state is PluginState.ACTIVE
+        assert info.reload_count == 0
+        if kind != "start raises":  # a failed start brings the old generation back anew
+            assert kernel.plugins.records["rl_main"].generation is old_generation
+        names = [n for n, _ in kernel.plugins.pm.list_name_plugin() if n.startswith("rl_main")]
+        assert len(names) == 1
+        # The failure is logged against the plugin and emitted as an event.
+        assert any(
+            r.seq > seq_before
+            and r.plugin == "rl_main"
+            and r.level == "ERROR"
+            and EXPECTED_ERROR[kind] in r.message
+            for r in kernel.logging.buffer.records
+        )
+
+        async def failed_emitted() -> bool:
+            return any(e.type == "plugin.failed" and e.plugin == "rl_main" for e in events)
+
+        assert await eventually(failed_emitted)
+        [failed] = [e for e in events if e.type == "plugin.failed"]
+        assert EXPECTED_ERROR[kind] in failed.data["error"]
+
+        write_plugin(plugins, "rl_main", main_code("v2"))
+        result = await kernel.plugins.reload("rl_main")
+        assert result.plugin.state is PluginState.ACTIVE
+        assert result.plugin.reload_count == 1
+        assert await bot.receive("/rl_cmd") == ["v2"]
+        assert await http_get(kernel, "/rl/main") == (200, "v2")
+        assert any(e.type == "plugin.reloaded" for e in events)
+
+
+HOLDER = """
+from kernel import CommandSpec, hookimpl
+
+async def mine(cmd):
+    return "holder"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("rl_shared", mine)]
+"""
+
+
+@pytest.mark.anyio
+async def test_reload_adding_a_contested_command_is_a_conflict_not_a_failure(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_holder", HOLDER)
+    write_plugin(plugins, "rl_main", main_code("v1"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        write_plugin(
+            plugins,
+            "rl_main",
+            main_code("v2", commands='CommandSpec("rl_cmd", cmd), CommandSpec("rl_shared", cmd)'),
+        )
+        result = await kernel.plugins.reload("rl_main")
+        assert result.plugin.state is PluginState.ACTIVE
+        [conflict] = result.conflicts
+        assert conflict.key == "rl_shared" and conflict.holder == "rl_holder"
+        assert await bot.receive("/rl_shared") == ["holder"]
+        assert await bot.receive("/rl_main:rl_shared") == ["v2"]
+        assert await bot.receive("/rl_cmd") == ["v2"]
+
+
+@pytest.mark.anyio
+async def test_reload_of_a_vanished_plugin_fails_and_keeps_it(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    path = write_plugin(plugins, "rl_gone", main_code("v1", commands='CommandSpec("rl_g", cmd)'))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        moved = shutil.move(str(path), str(tmp_path / "elsewhere"))
+        with pytest.raises(ReloadError, match="gone"):
+            await kernel.plugins.reload("rl_gone")
+        assert await MockBot(kernel).receive("/rl_g") == ["v1"]
+        shutil.move(moved, str(path))
+        await kernel.plugins.reload("rl_gone")
+        assert kernel.plugins.info("rl_gone").state is PluginState.ACTIVE
+
+
+COUNTER = """
+import anyio
+from kernel import CommandSpec, hookimpl
+
+async def count(cmd):
+    await anyio.sleep(0.001)  # a reload finds handlers in flight and waits for them
+    return f"{tag} " + cmd.args
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("count", count)]
+"""
+
+
+@pytest.mark.anyio
+async def test_reload_while_messages_stream(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_counter", COUNTER.format(tag="g0"))
+    messages, conversations, reloads = 300, 6, 10
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        done = 0
+        step = messages // (reloads + 1)
+        # Reload i starts once i * step messages are answered, while the others keep
+        # streaming; a sender past mark i + 1 waits until reload i is done, so every
+        # generation serves some messages however slow the machine.
+        reached = [anyio.Event() for _ in range(reloads + 1)]
+        finished = [anyio.Event() for _ in range(reloads + 1)]
+
+        async def conversation(chat: int) -> None:
+            nonlocal done
+            for n in range(chat, messages, conversations):
+                mark = min(done // step, reloads + 1)
+                if mark >= 2:
+                    await finished[mark - 1].wait()
+                await bot.receive(f"/count {n}", chat_id=f"chat-{chat}")
+                done += 1
+                if done % step == 0 and done // step <= reloads:
+                    reached[done // step].set()
+
+        async def reloader() -> None:
+            for i in range(1, reloads + 1):
+                await reached[i].wait()
+                write_plugin(plugins, "rl_counter", COUNTER.format(tag=f"g{i}"))
+                await kernel.plugins.reload("rl_counter")
+                finished[i].set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for chat in range(conversations):
+                    tg.start_soon(conversation, chat)
+                tg.start_soon(reloader)
+
+        assert done == messages
+        numbers = []
+        generations = set()
+        for target, reply in bot.sent:
+            match = re.fullmatch(r"g(\d+) (\d+)", reply.plain_text)
+            assert match is not None, reply.plain_text
+            generations.add(int(match[1]))
+            n = int(match[2])
+            assert target.chat_id == f"chat-{n % conversations}"
+            numbers.append(n)
+        assert sorted(numbers) == list(range(messages))  # each answered exactly once
+        assert kernel.plugins.info("rl_counter").reload_count == reloads
+        assert await bot.receive("/count last") == [f"g{reloads} last"]
+        # The first and the last generation answered (the pacing guarantees both).
+        assert {0, reloads} <= generations
+        assert not any("message dropped" in r.message for r in kernel.logging.buffer.records)
+
+
+# ------------------------------------------------------------------ hot reload
+
+HOT = """
+from kernel import CommandSpec, hookimpl
+
+async def hot(cmd):
+    return "{tag}"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("{command}", hot)]
+"""
+
+
+def hot_code(tag: str, command: str = "rl_hot") -> str:
+    return HOT.format(tag=tag, command=command)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` in one step, so the watcher never sees it half written."""
+    staging = path.parent.parent.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    (staging / path.name).write_text(text)
+    os.replace(staging / path.name, path)
+
+
+def watcher_running() -> bool:
+    return any(t.get_name() == "nekobot-hot-reload" for t in asyncio.all_tasks())
+
+
+@pytest.mark.anyio
+async def test_hot_reload_follows_file_changes(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    path = write_plugin(plugins, "rl_hot", hot_code("v1"))
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        events: list[KernelEvent] = []
+        kernel.subscribe_events(events.append)
+        bot = MockBot(kernel)
+        assert watcher_running()
+        assert await bot.receive("/rl_hot") == ["v1"]
+
+        async def answers(command: str, text: str) -> bool:
+            return await bot.receive(command) == [text]
+
+        # An edit is picked up.
+        replace_file(path / "__init__.py", hot_code("v2"))
+        assert await eventually(lambda: answers("/rl_hot", "v2"))
+
+        # A broken edit keeps the old code serving and is logged.
+        replace_file(path / "__init__.py", hot_code("v3").replace("async def hot(cmd):", "def ("))
+
+        async def failure_reported() -> bool:
+            records = kernel.logging.buffer.records
+            return (
+                any(r.plugin == "rl_hot" and "SyntaxError" in r.message for r in records)
+                and any("hot reload of 'rl_hot' failed" in r.message for r in records)
+                and any(e.type == "plugin.failed" and e.plugin == "rl_hot" for e in events)
+            )
+
+        assert await eventually(failure_reported)
+        assert await bot.receive("/rl_hot") == ["v2"]
+        assert kernel.plugins.info("rl_hot").state is PluginState.ACTIVE
+
+        # Fixed again: picked up.
+        replace_file(path / "__init__.py", hot_code("v4"))
+        assert await eventually(lambda: answers("/rl_hot", "v4"))
+
+        # A new plugin directory is loaded ...
+        staged = write_plugin(tmp_path / "staging", "rl_hot_new", hot_code("fresh", "rl_hot_new"))
+        os.replace(staged, plugins / "rl_hot_new")
+        assert await eventually(lambda: answers("/rl_hot_new", "fresh"))
+        assert kernel.plugins.info("rl_hot_new").state is PluginState.ACTIVE
+
+        # ... and a deleted one is unloaded and forgotten.
+        shutil.rmtree(plugins / "rl_hot_new")
+
+        async def forgotten() -> bool:
+            return "rl_hot_new" not in kernel.plugins.records
+
+        assert await eventually(forgotten)
+        assert await bot.receive("/rl_hot_new") == []
+        assert await bot.receive("/rl_hot") == ["v4"]
+
+
+@pytest.mark.anyio
+async def test_hot_reload_setting_toggles_the_watcher(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    path = write_plugin(plugins, "rl_toggle", hot_code("v1", command="rl_toggle"))
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        bot = MockBot(kernel)
+
+        async def answers(text: str) -> bool:
+            return await bot.receive("/rl_toggle") == [text]
+
+        replace_file(path / "__init__.py", hot_code("v2", command="rl_toggle"))
+        assert await eventually(lambda: answers("v2"))
+
+        await kernel.update_settings(hot_reload=False)
+        assert not kernel.settings.hot_reload
+        assert not watcher_running()
+        reloads = kernel.plugins.info("rl_toggle").reload_count
+        replace_file(path / "__init__.py", hot_code("v3", command="rl_toggle"))
+        # Nothing watches any more: give a watcher ample time (many debounce periods).
+        await anyio.sleep(0.5)
+        assert await answers("v2")
+        assert kernel.plugins.info("rl_toggle").reload_count == reloads
+
+        await kernel.update_settings(hot_reload=True)
+        assert watcher_running()
+        replace_file(path / "__init__.py", hot_code("v4", command="rl_toggle"))
+        assert await eventually(lambda: answers("v4"))
+    assert not watcher_running()
+
+
+@pytest.mark.anyio
+async def test_hot_reload_setting_persists_across_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_kernel(data, hot_reload=True) as kernel:
+        assert watcher_running()
+        await kernel.update_settings(hot_reload=False)
+    async with running_kernel(data, hot_reload=True) as kernel:
+        assert not kernel.settings.hot_reload
+        assert not watcher_running()
+
+
+@pytest.mark.anyio
+async def test_hot_reload_skips_disabled_and_revives_fixed_plugins(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    off = write_plugin(plugins, "rl_hot_off", hot_code("off", command="rl_hot_off"))
+    broken = write_plugin(plugins, "rl_hot_broken", "raise ImportError('not yet')\n")
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        bot = MockBot(kernel)
+        await kernel.plugins.disable("rl_hot_off")
+        assert kernel.plugins.info("rl_hot_broken").state is PluginState.FAILED
+
+        # Both are edited; the disabled one is written first.
+        replace_file(off / "__init__.py", hot_code("off2", command="rl_hot_off"))
+        replace_file(broken / "__init__.py", hot_code("mended", command="rl_hot_broken"))
+
+        async def mended() -> bool:
+            return await bot.receive("/rl_hot_broken") == ["mended"]
+
+        assert await eventually(mended)
+        assert kernel.plugins.info("rl_hot_broken").state is PluginState.ACTIVE
+        info = kernel.plugins.info("rl_hot_off")
+        assert (info.enabled, info.state) == (False, PluginState.DISPOSED)
+        assert await bot.receive("/rl_hot_off") == []

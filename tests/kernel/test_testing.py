@@ -1,0 +1,175 @@
+"""Tests of kernel.testing and the `nekobot` pytest plugin: MockBot and the fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel import Reply, Segment, Sender, Target
+from kernel.kernel import Kernel
+from kernel.testing import MockBot, running_kernel
+
+
+def write_plugin(root: Path, name: str, body: str) -> Path:
+    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
+    (directory / "__init__.py").write_text(textwrap.dedent(body))
+    return directory
+
+
+_ECHO = """
+from kernel import CommandSpec, Reply, Segment, hookimpl
+
+
+async def echo(cmd):
+    return cmd.args
+
+
+async def whoami(cmd):
+    e = cmd.event
+    return f"{e.platform}/{e.instance}/{e.chat_type}/{e.chat_id}/{e.sender.id}/{e.id}"
+
+
+async def picture(cmd):
+    return Reply((Segment.text("look: "), Segment.image("https://example.invalid/cat.png")))
+
+
+@hookimpl
+def nekobot_commands():
+    return [
+        CommandSpec("echo", echo),
+        CommandSpec("whoami", whoami),
+        CommandSpec("picture", picture),
+    ]
+"""
+
+# The marker's arguments are fixed at collection time, so the plugin directory of the
+# fixture tests has a fixed path, filled by a module-scoped fixture.
+_MARKED_PLUGINS = Path(tempfile.gettempdir()) / f"nekobot-test-testing-{os.getpid()}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _marked_plugins() -> Iterator[Path]:
+    write_plugin(_MARKED_PLUGINS, "tst_echo", _ECHO)
+    yield _MARKED_PLUGINS
+    shutil.rmtree(_MARKED_PLUGINS, ignore_errors=True)
+
+
+# -- the pytest fixtures ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.nekobot(plugin_dirs=[_MARKED_PLUGINS])
+async def test_bot_fixture_echo(bot: MockBot) -> None:
+    assert await bot.receive("/echo hi") == ["hi"]
+    assert bot.replies == ["hi"]
+    assert await bot.receive("/echo again") == ["again"]
+    assert bot.replies == ["hi", "again"]
+    bot.clear()
+    assert bot.replies == []
+
+
+@pytest.mark.anyio
+@pytest.mark.nekobot(builtin_plugins=["help"], plugin_dirs=[_MARKED_PLUGINS])
+async def test_marker_chooses_builtins(bot: MockBot, nekobot_kernel: Kernel) -> None:
+    assert bot.kernel is nekobot_kernel
+    assert sorted(nekobot_kernel.plugins.records) == ["help", "tst_echo"]
+    [listing] = await bot.receive("/help")
+    assert "/echo" in listing and "/help" in listing
+
+
+@pytest.mark.anyio
+@pytest.mark.nekobot(plugin_dirs=[_MARKED_PLUGINS], command_prefixes=("!",))
+async def test_marker_passes_kernel_options(bot: MockBot) -> None:
+    assert await bot.receive("/echo hi") == []
+    assert await bot.receive("!echo hi") == ["hi"]
+
+
+@pytest.mark.anyio
+async def test_default_fixture_kernel_is_quiet_and_empty(
+    nekobot_kernel: Kernel, tmp_path: Path
+) -> None:
+    config = nekobot_kernel.config
+    assert nekobot_kernel.running
+    assert config.entry_points is False
+    assert config.hot_reload is False and nekobot_kernel.settings.hot_reload is False
+    assert config.watchdog is False
+    assert config.builtin_plugins == ()
+    assert nekobot_kernel.plugins.records == {}
+    assert config.data_dir.is_relative_to(tmp_path)
+    assert await MockBot(nekobot_kernel).receive("/echo hi") == []
+
+
+# -- MockBot ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_mock_bot_events_and_targets(tmp_path: Path) -> None:
+    write_plugin(tmp_path / "plugins", "tst_echo", _ECHO)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[tmp_path / "plugins"]) as kernel:
+        bot = MockBot(kernel)
+        event = bot.event("hello")
+        assert (event.platform, event.instance, event.chat_type, event.chat_id) == (
+            "mock",
+            "mock",
+            "private",
+            "chat-1",
+        )
+        assert event.text == "hello" and event.sender == Sender("user-1", "Tester")
+        assert await bot.receive("/whoami") == ["mock/mock/private/chat-1/user-1/2"]
+        assert await bot.receive(
+            "/whoami", chat_type="group", chat_id="g-9", sender=Sender("u-7")
+        ) == ["mock/mock/group/g-9/u-7/3"]
+        assert [t for t, _ in bot.sent] == [
+            Target("mock", "private", "chat-1"),
+            Target("mock", "group", "g-9"),
+        ]
+        # Segments other than text are kept; `replies` shows the text.
+        assert await bot.receive("/picture") == ["look: "]
+        _, reply = bot.sent[-1]
+        assert reply.segments[1] == Segment.image("https://example.invalid/cat.png")
+        # A message made of segments.
+        assert await bot.receive("", segments=[Segment.text("/echo a"), Segment.text("b")]) == [
+            "ab"
+        ]
+
+        group = MockBot(kernel, instance="mock-2", chat_type="group", chat_id="room")
+        assert await group.receive("/whoami") == ["mock/mock-2/group/room/user-1/1"]
+        assert len(bot.sent) == 4  # the other bot's replies went to the other bot
+
+        # The kernel can send through a bot by its instance, as plugins do.
+        await kernel.pipeline.send(Target("mock-2", "group", "room"), Reply.text("push"))
+        assert group.replies[-1] == "push"
+        with pytest.raises(LookupError):
+            await kernel.pipeline.send(Target("nobody", "group", "room"), Reply.text("x"))
+
+
+@pytest.mark.anyio
+async def test_one_instance_has_one_mock_bot(tmp_path: Path) -> None:
+    async with running_kernel(tmp_path / "data") as kernel:
+        bot = MockBot(kernel)
+        with pytest.raises(ValueError, match="already has an adapter"):
+            MockBot(kernel)
+        bot.detach()
+        again = MockBot(kernel)
+        assert kernel.pipeline.adapters["mock"] is again
+
+
+@pytest.mark.anyio
+async def test_running_kernel_options_can_be_overridden(tmp_path: Path) -> None:
+    async with running_kernel(
+        tmp_path / "data", builtin_plugins=["help"], watchdog=True, handler_timeout=3
+    ) as kernel:
+        assert kernel.config.watchdog is True
+        assert kernel.config.handler_timeout == 3
+        assert kernel.config.hot_reload is False
+        assert list(kernel.plugins.records) == ["help"]
+    assert not kernel.running
