@@ -25,8 +25,8 @@ from kernel.lifecycle import GateClosedError
 from kernel.registry import Entry
 
 if TYPE_CHECKING:
+    from kernel.generations import Generation
     from kernel.kernel import Kernel
-    from kernel.manager import Generation
 
 PRINCIPAL = "nekobot.principal"
 _REDISPATCH = "nekobot.redispatch"

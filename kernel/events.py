@@ -19,8 +19,8 @@ from kernel.lifecycle import GateClosedError
 from kernel.models import CommandInvocation, MessageEvent, Reply, Target, as_reply
 
 if TYPE_CHECKING:
+    from kernel.generations import Generation
     from kernel.kernel import Kernel
-    from kernel.manager import Generation
 
 _MAX_RETRIES = 5
 

@@ -38,8 +38,8 @@ from kernel.manifest import check_compatible
 from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSource, PluginState
 
 if TYPE_CHECKING:
+    from kernel.generations import PluginRecord
     from kernel.kernel import Kernel
-    from kernel.manager import PluginRecord
 
 _HOOK_NAMES = frozenset(all_hook_names())
 

@@ -1,9 +1,7 @@
 """The plugin manager of one Kernel: discovery, and enable/disable/reload/delete.
 
-Operations on one plugin are serialized by its lock. Loading is a transaction: a new
-generation is imported and validated while the old one keeps serving; only then is
-the old generation retired and the new one started, and if that start fails the old
-generation is brought back.
+Operations on one plugin are serialized by its lock; the generation swap they rely on
+lives in `kernel.generations`.
 """
 
 from __future__ import annotations
@@ -11,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import time
-from collections.abc import Iterable, Mapping
-from types import ModuleType
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,28 +17,29 @@ import anyio.to_thread
 import attrs
 import pluggy
 
-from kernel.calling import Contributions, call_impl, collect_contributions, impls_of
-from kernel.commands import CommandEntry
-from kernel.context import PluginContext
+from kernel.calling import call_impl, impls_of
 from kernel.errors import (
     EssentialPluginError,
     NekoError,
-    PluginError,
     PluginLoadError,
     PluginNotFoundError,
     ReloadError,
 )
-from kernel.hookspecs import PROJECT, SPEC_MODULES, all_hook_names
-from kernel.lifecycle import Gate, Scope
+from kernel.generations import (
+    CONFIG_SECTION,
+    STATE_SECTION,
+    Generation,
+    GenerationOps,
+    PluginRecord,
+)
+from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import (
-    ImportedGeneration,
     PluginCandidate,
     discover_builtins,
     discover_directory,
     discover_entry_points,
     shadows_module,
 )
-from kernel.manifest import check_compatible
 from kernel.models import (
     CommandConflict,
     KernelEvent,
@@ -56,50 +53,8 @@ from kernel.plugin_config import validate_config
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-_STATE_SECTION = "plugins"
-_CONFIG_SECTION = "plugin_config"
-_HOOK_NAMES = frozenset(all_hook_names())
 
-
-@attrs.define(eq=False)
-class Generation:
-    """One imported version of a plugin, with what it contributed and what it holds."""
-
-    number: int
-    pm_name: str
-    imported: ImportedGeneration
-    contributions: Contributions
-    commands: list[CommandEntry]
-    config_schema: Mapping[str, Any] | None
-    hooks: tuple[str, ...]
-    gate: Gate = attrs.field(factory=Gate)
-    scope: Scope | None = None
-    ctx: PluginContext | None = None
-
-
-@attrs.define(eq=False)
-class PluginRecord:
-    """The kernel's mutable view of one plugin."""
-
-    candidate: PluginCandidate
-    log: logging.LoggerAdapter[logging.Logger]
-    enabled: bool = True
-    state: PluginState = PluginState.PENDING
-    error: str | None = None
-    generation: Generation | None = None
-    loaded_at: float | None = None
-    reload_count: int = 0
-    generations: int = 0
-    lock: anyio.Lock = attrs.field(factory=anyio.Lock)
-    idle: anyio.Event = attrs.field(factory=anyio.Event)
-
-    @property
-    def name(self) -> str:
-        """The plugin's name."""
-        return self.candidate.name
-
-
-class PluginManager:
+class PluginManager(GenerationOps):
     """Owns the plugins of one Kernel and every operation on them."""
 
     def __init__(self, kernel: Kernel) -> None:
@@ -162,7 +117,7 @@ class PluginManager:
     async def start(self) -> None:
         """Discover plugins and enable those that are (or by default would be) enabled."""
         candidates = await anyio.to_thread.run_sync(self.discover)
-        stored = await self.kernel.storage.state_items(_STATE_SECTION)
+        stored = await self.kernel.storage.state_items(STATE_SECTION)
         for cand in candidates:
             enabled = bool(stored.get(cand.name, {}).get("enabled", True)) or cand.essential
             self.records[cand.name] = self._new_record(cand, enabled)
@@ -188,7 +143,7 @@ class PluginManager:
     async def rescan(self) -> list[str]:
         """Pick up plugins that appeared in plugin directories; return the new names."""
         candidates = await anyio.to_thread.run_sync(self.discover)
-        stored = await self.kernel.storage.state_items(_STATE_SECTION)
+        stored = await self.kernel.storage.state_items(STATE_SECTION)
         added = []
         for cand in candidates:
             rec = self.records.get(cand.name)
@@ -349,9 +304,9 @@ class PluginManager:
             path = rec.candidate.path
             if path is not None:
                 await anyio.to_thread.run_sync(shutil.rmtree, path, True)
-            await self.kernel.storage.state_delete(_STATE_SECTION, name)
+            await self.kernel.storage.state_delete(STATE_SECTION, name)
             if not keep_data:
-                await self.kernel.storage.state_delete(_CONFIG_SECTION, name)
+                await self.kernel.storage.state_delete(CONFIG_SECTION, name)
                 await self.kernel.storage.drop_plugin_data(name)
                 await anyio.to_thread.run_sync(
                     shutil.rmtree, self.kernel.config.data_dir / "plugin_data" / name, True
@@ -381,7 +336,7 @@ class PluginManager:
     async def get_config(self, name: str) -> dict[str, Any]:
         """A plugin's stored configuration with schema defaults filled in."""
         rec = self.record(name)
-        stored = await self.kernel.storage.state_get(_CONFIG_SECTION, name, {})
+        stored = await self.kernel.storage.state_get(CONFIG_SECTION, name, {})
         if rec.generation is not None and rec.generation.ctx is not None:
             return dict(rec.generation.ctx.config)
         from kernel.plugin_config import with_defaults
@@ -393,8 +348,8 @@ class PluginManager:
         rec = self.record(name)
         async with self._operation(rec):
             full = validate_config(self.config_schema(name), config)
-            previous = await self.kernel.storage.state_get(_CONFIG_SECTION, name)
-            await self.kernel.storage.state_set(_CONFIG_SECTION, name, dict(config))
+            previous = await self.kernel.storage.state_get(CONFIG_SECTION, name)
+            await self.kernel.storage.state_set(CONFIG_SECTION, name, dict(config))
             gen = rec.generation
             if gen is not None and gen.ctx is not None:
                 if "nekobot_config_changed" in gen.hooks:
@@ -416,349 +371,12 @@ class PluginManager:
                         # The old generation was restarted with the refused one, so it may
                         # be down; bring it back with its own.
                         if previous is None:
-                            await self.kernel.storage.state_delete(_CONFIG_SECTION, name)
+                            await self.kernel.storage.state_delete(CONFIG_SECTION, name)
                         else:
-                            await self.kernel.storage.state_set(_CONFIG_SECTION, name, previous)
+                            await self.kernel.storage.state_set(CONFIG_SECTION, name, previous)
                         if rec.generation is None:
                             with contextlib.suppress(NekoError):
                                 await self._load(rec)
                         raise
         await self.kernel.emit(KernelEvent("plugin.config_changed", {"name": name}, plugin=name))
         return full
-
-    # -- the transaction ------------------------------------------------------------------
-
-    def _operation(self, rec: PluginRecord) -> _Operation:
-        return _Operation(rec)
-
-    async def _refresh_candidate(self, rec: PluginRecord) -> None:
-        """Re-read a plugin's manifest from disk before a reload (it may have changed)."""
-        cand = rec.candidate
-        if cand.source is not PluginSource.USER or cand.path is None:
-            return
-        fresh = await anyio.to_thread.run_sync(discover_directory, cand.path.parent)
-        for new in fresh:
-            if new.name == cand.name:
-                if new.problem is None and rec.generation is None and shadows_module(new.name):
-                    # As in `discover`: importing it would replace that module everywhere.
-                    new = attrs.evolve(
-                        new,
-                        problem=f"plugin name {new.name!r} would shadow an importable "
-                        "module; rename the plugin",
-                    )
-                rec.candidate = new
-                return
-        rec.candidate = attrs.evolve(cand, problem=f"plugin directory {cand.path} is gone")
-
-    async def _load(self, rec: PluginRecord, replacing: Generation | None = None) -> None:
-        """Import, validate, swap in and start a generation; a failure changes nothing."""
-        name = rec.name
-        if replacing is None:
-            rec.state = PluginState.LOADING
-        try:
-            gen = await self._stage(rec)
-        except NekoError as exc:
-            if replacing is None:
-                rec.state, rec.error = PluginState.FAILED, exc.message
-                await self._emit_failed(rec, exc.message)
-            rec.log.error("loading plugin %r failed: %s", name, exc.message)
-            raise
-        if replacing is not None:
-            await self._retire(rec, replacing)
-            self._commit_registries(rec, gen, replacing=True)
-        else:
-            self._commit_registries(rec, gen, replacing=False)
-        try:
-            await self._activate(rec, gen)
-        except NekoError as exc:
-            await self._deactivate(gen)
-            self.pm.unregister(name=gen.pm_name)
-            gen.imported.rollback()
-            if replacing is not None:
-                rec.log.error(
-                    "new generation of %r failed to start (%s); restoring the previous one",
-                    name,
-                    exc.message,
-                )
-                await self._restore(rec, replacing)
-            else:
-                self._drop_registries(name, transfer=True)
-                self.kernel.loader.forget(rec.candidate)
-                rec.generation = None
-                rec.state, rec.error = PluginState.FAILED, exc.message
-                self._reindex()
-                await self._emit_failed(rec, exc.message)
-            raise
-        gen.imported.commit()
-        rec.generation = gen
-        rec.state, rec.error = PluginState.ACTIVE, None
-        rec.loaded_at = time.time()
-        self._reindex()
-        await self.kernel.persist_commands()
-
-    async def _stage(self, rec: PluginRecord) -> Generation:
-        """Import a new generation and check its contributions; nothing is committed."""
-        name, cand = rec.name, rec.candidate
-        if cand.manifest is not None:
-            try:
-                check_compatible(cand.manifest)
-            except NekoError as exc:
-                raise PluginLoadError(name, exc.message) from None
-        try:
-            imported = await anyio.to_thread.run_sync(
-                lambda: self.kernel.loader.import_plugin(cand, fresh=True)
-            )
-        except Exception as exc:
-            raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from exc
-        rec.generations += 1
-        pm_name = f"{name}#{rec.generations}"
-        try:
-            try:
-                self.pm.register(_registrable(self.pm, imported.module), name=pm_name)
-            except Exception as exc:
-                raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
-            hooks = self._hooks_of(pm_name)
-            named = [
-                a
-                for a in dir(imported.module)
-                if a.startswith("nekobot_") and callable(getattr(imported.module, a))
-            ]
-            unknown = [a for a in named if a not in _HOOK_NAMES]
-            if unknown:
-                raise PluginLoadError(name, f"unknown hook(s) {', '.join(unknown)}")
-            unmarked = [a for a in named if a not in hooks]
-            if unmarked:
-                raise PluginLoadError(name, f"{', '.join(unmarked)} not marked with @hookimpl")
-            contributions = collect_contributions(self.pm, pm_name, name)
-            schema = contributions.config_schema or (
-                cand.manifest.config_schema if cand.manifest else None
-            )
-            gen = Generation(rec.generations, pm_name, imported, contributions, [], schema, hooks)
-            gen.commands = self.kernel.commands.prepare(name, contributions.commands, gen)
-            self._check_registries(name, contributions, replacing=rec.generation is not None)
-        except NekoError as exc:
-            if self.pm.get_plugin(pm_name) is not None:
-                self.pm.unregister(name=pm_name)
-            imported.rollback()
-            if isinstance(exc, PluginError):
-                raise
-            raise PluginLoadError(name, exc.message) from exc
-        except BaseException:
-            if self.pm.get_plugin(pm_name) is not None:
-                self.pm.unregister(name=pm_name)
-            imported.rollback()
-            raise
-        return gen
-
-    def _hooks_of(self, pm_name: str) -> tuple[str, ...]:
-        plugin = self.pm.get_plugin(pm_name)
-        callers = self.pm.get_hookcallers(plugin) or []
-        return tuple(sorted(c.name for c in callers))
-
-    def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
-        k = self.kernel
-        k.routes.check(name, _route_items(c), replacing=replacing)
-        k.middleware.check(name, c.middleware, replacing=replacing)
-        k.channels.check(name, c.channels, replacing=replacing)
-        k.platform_types.check(name, c.platform_types, replacing=replacing)
-        k.provider_types.check(name, c.provider_types, replacing=replacing)
-        k.mcp_servers.check(name, c.mcp_servers, replacing=replacing)
-
-    def _commit_registries(self, rec: PluginRecord, gen: Generation, *, replacing: bool) -> None:
-        k, c, name = self.kernel, gen.contributions, rec.name
-        if replacing:
-            k.commands.replace_owner(name, gen.commands)
-        else:
-            k.commands.add(name, gen.commands)
-        for registry, items in (
-            (k.routes, _route_items(c)),
-            (k.middleware, c.middleware),
-            (k.channels, c.channels),
-            (k.platform_types, c.platform_types),
-            (k.provider_types, c.provider_types),
-            (k.mcp_servers, c.mcp_servers),
-        ):
-            registry.replace_owner(name, items, gen)  # type: ignore[arg-type]
-        top = rec.candidate.module.partition(".")[0]
-        self.module_owners[rec.candidate.module if top == "builtin_plugins" else top] = name
-        k.asgi_app.rebuild()
-
-    def _drop_registries(self, name: str, *, transfer: bool) -> None:
-        k = self.kernel
-        k.commands.drop_owner(name, transfer=transfer)
-        for registry in (
-            k.routes,
-            k.middleware,
-            k.channels,
-            k.platform_types,
-            k.provider_types,
-            k.mcp_servers,
-        ):
-            registry.drop_owner(name)
-        for module, owner in list(self.module_owners.items()):
-            if owner == name:
-                del self.module_owners[module]
-        k.asgi_app.rebuild()
-
-    async def _activate(self, rec: PluginRecord, gen: Generation) -> None:
-        """Give the generation a scope and context, run its start hook, open its gate."""
-        k = self.kernel
-        scope = Scope(rec.name, k.task_group, rec.log, step_timeout=k.config.hook_timeout)
-        stored = await k.storage.state_get(_CONFIG_SECTION, rec.name, {})
-        try:
-            config = validate_config(gen.config_schema, stored)
-        except NekoError as exc:
-            raise PluginLoadError(
-                rec.name, f"stored configuration is invalid: {exc.message}"
-            ) from None
-        gen.scope = scope
-        gen.ctx = PluginContext(k, rec.name, scope, config, rec.log)
-        rec.generation = gen
-        impls = impls_of(self.pm, "nekobot_plugin_start", gen.pm_name)
-        for impl in impls:
-            outcome = await call_impl(
-                impl,
-                {"ctx": gen.ctx},
-                plugin=rec.name,
-                hook="nekobot_plugin_start",
-                timeout=k.config.hook_timeout,
-                log=rec.log,
-            )
-            if outcome.error is not None:
-                err = outcome.error
-                detail = (
-                    "timed out"
-                    if isinstance(err, TimeoutError)
-                    else (f"{type(err).__name__}: {err}")
-                )
-                raise PluginLoadError(rec.name, f"nekobot_plugin_start failed: {detail}")
-        gen.gate.open()
-
-    async def _deactivate(self, gen: Generation) -> None:
-        """Close the gate (waiting for calls in flight), run the stop hook, dispose the scope."""
-        k = self.kernel
-        await gen.gate.close(k.config.handler_timeout)
-        if gen.ctx is not None and gen.scope is not None and not gen.scope.closed:
-            for impl in impls_of(self.pm, "nekobot_plugin_stop", gen.pm_name):
-                await call_impl(
-                    impl,
-                    {"ctx": gen.ctx},
-                    plugin=gen.ctx.name,
-                    hook="nekobot_plugin_stop",
-                    timeout=k.config.hook_timeout,
-                    log=gen.ctx.log,
-                )
-        if gen.scope is not None:
-            await gen.scope.dispose()
-
-    async def _retire(self, rec: PluginRecord, gen: Generation) -> None:
-        """Take the serving generation down before a swap (its entries stay until replaced)."""
-        rec.state = PluginState.UNLOADING
-        await self._deactivate(gen)
-        self.pm.unregister(name=gen.pm_name)
-
-    async def _restore(self, rec: PluginRecord, old: Generation) -> None:
-        """Bring a retired generation back after its successor failed to start."""
-        restored = Generation(
-            old.number,
-            old.pm_name,
-            old.imported,
-            old.contributions,
-            [],
-            old.config_schema,
-            old.hooks,
-        )
-        # The old entries point at the retired generation, whose gate stays closed.
-        restored.commands = [attrs.evolve(e, generation=restored) for e in old.commands]
-        self.pm.register(old.imported.module, name=old.pm_name)
-        self._commit_registries(rec, restored, replacing=True)
-        try:
-            await self._activate(rec, restored)
-        except NekoError as exc:
-            await self._deactivate(restored)
-            self.pm.unregister(name=restored.pm_name)
-            self._drop_registries(rec.name, transfer=False)
-            rec.generation = None
-            rec.state, rec.error = PluginState.FAILED, exc.message
-            self._reindex()
-            return
-        rec.generation = restored
-        rec.state = PluginState.ACTIVE
-        self._reindex()
-
-    async def _unload(self, rec: PluginRecord, *, forget_modules: bool, transfer: bool) -> None:
-        """Take a plugin down completely."""
-        gen = rec.generation
-        if gen is None:
-            return
-        rec.state = PluginState.UNLOADING
-        await self._deactivate(gen)
-        self.pm.unregister(name=gen.pm_name)
-        self._drop_registries(rec.name, transfer=transfer)
-        rec.generation = None
-        rec.state = PluginState.DISPOSED
-        if forget_modules:
-            self.kernel.loader.forget(rec.candidate)
-        self._reindex()
-        if transfer and not self._stopping:
-            await self.kernel.persist_commands()
-
-    def _reindex(self) -> None:
-        index: dict[str, list[tuple[str, pluggy.HookImpl, Generation]]] = {}
-        for name in sorted(self.records):
-            gen = self.records[name].generation
-            if gen is None:
-                continue
-            for hook in gen.hooks:
-                for impl in impls_of(self.pm, hook, gen.pm_name):
-                    index.setdefault(hook, []).append((name, impl, gen))
-        self.hook_index = index
-
-    async def _persist_enabled(self, rec: PluginRecord) -> None:
-        await self.remember_enabled(rec.name, rec.enabled)
-
-    async def remember_enabled(self, name: str, enabled: bool) -> None:
-        """Store whether `name` is enabled (also for a plugin not discovered yet)."""
-        await self.kernel.storage.state_set(_STATE_SECTION, name, {"enabled": enabled})
-
-    async def _emit_failed(self, rec: PluginRecord, error: str) -> None:
-        await self.kernel.emit(
-            KernelEvent("plugin.failed", {"name": rec.name, "error": error}, plugin=rec.name)
-        )
-
-
-class _Operation:
-    """Serializes operations on one plugin and marks it busy while one runs."""
-
-    def __init__(self, rec: PluginRecord) -> None:
-        self.rec = rec
-
-    async def __aenter__(self) -> None:
-        await self.rec.lock.acquire()
-        self.rec.idle = anyio.Event()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.rec.idle.set()
-        self.rec.lock.release()
-
-
-def _registrable(pm: pluggy.PluginManager, module: ModuleType) -> ModuleType:
-    """`module`, or a copy of its namespace if it is registered already.
-
-    A builtin is imported once, so its next generation is the same module object,
-    which pluggy refuses to register twice while the old generation still serves.
-    """
-    if not pm.is_registered(module):
-        return module
-    copy = ModuleType(module.__name__)
-    copy.__dict__.update(vars(module))
-    return copy
-
-
-def _route_items(c: Contributions) -> list[tuple[tuple[str, str], Any]]:
-    items = []
-    for route in c.routes:
-        methods: Iterable[str] = ("WS",) if route.websocket else route.methods
-        for method in methods:
-            items.append(((route.path, method.upper()), route))
-    return items

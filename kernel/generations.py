@@ -1,0 +1,437 @@
+"""Plugin generations and the transaction that swaps them.
+
+A generation is one imported version of a plugin. Loading one is a transaction: it
+is imported and validated while the previous generation keeps serving; only then is the
+previous one retired and the new one started, and if that start fails the previous
+generation is brought back. `PluginManager` builds its public operations on this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import attrs
+import pluggy
+
+from kernel.calling import Contributions, call_impl, collect_contributions, impls_of
+from kernel.commands import CommandEntry
+from kernel.context import PluginContext
+from kernel.errors import (
+    NekoError,
+    PluginError,
+    PluginLoadError,
+)
+from kernel.hookspecs import all_hook_names
+from kernel.lifecycle import Gate, Scope
+from kernel.loader import (
+    ImportedGeneration,
+    PluginCandidate,
+    discover_directory,
+    shadows_module,
+)
+from kernel.manifest import check_compatible
+from kernel.models import (
+    KernelEvent,
+    PluginSource,
+    PluginState,
+)
+from kernel.plugin_config import validate_config
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+STATE_SECTION = "plugins"
+CONFIG_SECTION = "plugin_config"
+_HOOK_NAMES = frozenset(all_hook_names())
+
+
+@attrs.define(eq=False)
+class Generation:
+    """One imported version of a plugin, with what it contributed and what it holds."""
+
+    number: int
+    pm_name: str
+    imported: ImportedGeneration
+    contributions: Contributions
+    commands: list[CommandEntry]
+    config_schema: Mapping[str, Any] | None
+    hooks: tuple[str, ...]
+    gate: Gate = attrs.field(factory=Gate)
+    scope: Scope | None = None
+    ctx: PluginContext | None = None
+
+
+@attrs.define(eq=False)
+class PluginRecord:
+    """The kernel's mutable view of one plugin."""
+
+    candidate: PluginCandidate
+    log: logging.LoggerAdapter[logging.Logger]
+    enabled: bool = True
+    state: PluginState = PluginState.PENDING
+    error: str | None = None
+    generation: Generation | None = None
+    loaded_at: float | None = None
+    reload_count: int = 0
+    generations: int = 0
+    lock: anyio.Lock = attrs.field(factory=anyio.Lock)
+    idle: anyio.Event = attrs.field(factory=anyio.Event)
+
+    @property
+    def name(self) -> str:
+        """The plugin's name."""
+        return self.candidate.name
+
+
+class GenerationOps:
+    """The generation machinery of a PluginManager (see the module docstring)."""
+
+    kernel: Kernel
+    pm: pluggy.PluginManager
+    records: dict[str, PluginRecord]
+    hook_index: dict[str, list[tuple[str, pluggy.HookImpl, Generation]]]
+    module_owners: dict[str, str]
+    _stopping: bool
+
+    # -- the transaction ------------------------------------------------------------------
+
+    def _operation(self, rec: PluginRecord) -> Operation:
+        return Operation(rec)
+
+    async def _refresh_candidate(self, rec: PluginRecord) -> None:
+        """Re-read a plugin's manifest from disk before a reload (it may have changed)."""
+        cand = rec.candidate
+        if cand.source is not PluginSource.USER or cand.path is None:
+            return
+        fresh = await anyio.to_thread.run_sync(discover_directory, cand.path.parent)
+        for new in fresh:
+            if new.name == cand.name:
+                if new.problem is None and rec.generation is None and shadows_module(new.name):
+                    # As in `discover`: importing it would replace that module everywhere.
+                    new = attrs.evolve(
+                        new,
+                        problem=f"plugin name {new.name!r} would shadow an importable "
+                        "module; rename the plugin",
+                    )
+                rec.candidate = new
+                return
+        rec.candidate = attrs.evolve(cand, problem=f"plugin directory {cand.path} is gone")
+
+    async def _load(self, rec: PluginRecord, replacing: Generation | None = None) -> None:
+        """Import, validate, swap in and start a generation; a failure changes nothing."""
+        name = rec.name
+        if replacing is None:
+            rec.state = PluginState.LOADING
+        try:
+            gen = await self._stage(rec)
+        except NekoError as exc:
+            if replacing is None:
+                rec.state, rec.error = PluginState.FAILED, exc.message
+                await self._emit_failed(rec, exc.message)
+            rec.log.error("loading plugin %r failed: %s", name, exc.message)
+            raise
+        if replacing is not None:
+            await self._retire(rec, replacing)
+            self._commit_registries(rec, gen, replacing=True)
+        else:
+            self._commit_registries(rec, gen, replacing=False)
+        try:
+            await self._activate(rec, gen)
+        except NekoError as exc:
+            await self._deactivate(gen)
+            self.pm.unregister(name=gen.pm_name)
+            gen.imported.rollback()
+            if replacing is not None:
+                rec.log.error(
+                    "new generation of %r failed to start (%s); restoring the previous one",
+                    name,
+                    exc.message,
+                )
+                await self._restore(rec, replacing)
+            else:
+                self._drop_registries(name, transfer=True)
+                self.kernel.loader.forget(rec.candidate)
+                rec.generation = None
+                rec.state, rec.error = PluginState.FAILED, exc.message
+                self._reindex()
+                await self._emit_failed(rec, exc.message)
+            raise
+        gen.imported.commit()
+        rec.generation = gen
+        rec.state, rec.error = PluginState.ACTIVE, None
+        rec.loaded_at = time.time()
+        self._reindex()
+        await self.kernel.persist_commands()
+
+    async def _stage(self, rec: PluginRecord) -> Generation:
+        """Import a new generation and check its contributions; nothing is committed."""
+        name, cand = rec.name, rec.candidate
+        if cand.manifest is not None:
+            try:
+                check_compatible(cand.manifest)
+            except NekoError as exc:
+                raise PluginLoadError(name, exc.message) from None
+        try:
+            imported = await anyio.to_thread.run_sync(
+                lambda: self.kernel.loader.import_plugin(cand, fresh=True)
+            )
+        except Exception as exc:
+            raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from exc
+        rec.generations += 1
+        pm_name = f"{name}#{rec.generations}"
+        try:
+            try:
+                self.pm.register(_registrable(self.pm, imported.module), name=pm_name)
+            except Exception as exc:
+                raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
+            hooks = self._hooks_of(pm_name)
+            named = [
+                a
+                for a in dir(imported.module)
+                if a.startswith("nekobot_") and callable(getattr(imported.module, a))
+            ]
+            unknown = [a for a in named if a not in _HOOK_NAMES]
+            if unknown:
+                raise PluginLoadError(name, f"unknown hook(s) {', '.join(unknown)}")
+            unmarked = [a for a in named if a not in hooks]
+            if unmarked:
+                raise PluginLoadError(name, f"{', '.join(unmarked)} not marked with @hookimpl")
+            contributions = collect_contributions(self.pm, pm_name, name)
+            schema = contributions.config_schema or (
+                cand.manifest.config_schema if cand.manifest else None
+            )
+            gen = Generation(rec.generations, pm_name, imported, contributions, [], schema, hooks)
+            gen.commands = self.kernel.commands.prepare(name, contributions.commands, gen)
+            self._check_registries(name, contributions, replacing=rec.generation is not None)
+        except NekoError as exc:
+            if self.pm.get_plugin(pm_name) is not None:
+                self.pm.unregister(name=pm_name)
+            imported.rollback()
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginLoadError(name, exc.message) from exc
+        except BaseException:
+            if self.pm.get_plugin(pm_name) is not None:
+                self.pm.unregister(name=pm_name)
+            imported.rollback()
+            raise
+        return gen
+
+    def _hooks_of(self, pm_name: str) -> tuple[str, ...]:
+        plugin = self.pm.get_plugin(pm_name)
+        callers = self.pm.get_hookcallers(plugin) or []
+        return tuple(sorted(c.name for c in callers))
+
+    def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
+        k = self.kernel
+        k.routes.check(name, _route_items(c), replacing=replacing)
+        k.middleware.check(name, c.middleware, replacing=replacing)
+        k.channels.check(name, c.channels, replacing=replacing)
+        k.platform_types.check(name, c.platform_types, replacing=replacing)
+        k.provider_types.check(name, c.provider_types, replacing=replacing)
+        k.mcp_servers.check(name, c.mcp_servers, replacing=replacing)
+
+    def _commit_registries(self, rec: PluginRecord, gen: Generation, *, replacing: bool) -> None:
+        k, c, name = self.kernel, gen.contributions, rec.name
+        if replacing:
+            k.commands.replace_owner(name, gen.commands)
+        else:
+            k.commands.add(name, gen.commands)
+        for registry, items in (
+            (k.routes, _route_items(c)),
+            (k.middleware, c.middleware),
+            (k.channels, c.channels),
+            (k.platform_types, c.platform_types),
+            (k.provider_types, c.provider_types),
+            (k.mcp_servers, c.mcp_servers),
+        ):
+            registry.replace_owner(name, items, gen)  # type: ignore[arg-type]
+        top = rec.candidate.module.partition(".")[0]
+        self.module_owners[rec.candidate.module if top == "builtin_plugins" else top] = name
+        k.asgi_app.rebuild()
+
+    def _drop_registries(self, name: str, *, transfer: bool) -> None:
+        k = self.kernel
+        k.commands.drop_owner(name, transfer=transfer)
+        for registry in (
+            k.routes,
+            k.middleware,
+            k.channels,
+            k.platform_types,
+            k.provider_types,
+            k.mcp_servers,
+        ):
+            registry.drop_owner(name)
+        for module, owner in list(self.module_owners.items()):
+            if owner == name:
+                del self.module_owners[module]
+        k.asgi_app.rebuild()
+
+    async def _activate(self, rec: PluginRecord, gen: Generation) -> None:
+        """Give the generation a scope and context, run its start hook, open its gate."""
+        k = self.kernel
+        scope = Scope(rec.name, k.task_group, rec.log, step_timeout=k.config.hook_timeout)
+        stored = await k.storage.state_get(CONFIG_SECTION, rec.name, {})
+        try:
+            config = validate_config(gen.config_schema, stored)
+        except NekoError as exc:
+            raise PluginLoadError(
+                rec.name, f"stored configuration is invalid: {exc.message}"
+            ) from None
+        gen.scope = scope
+        gen.ctx = PluginContext(k, rec.name, scope, config, rec.log)
+        rec.generation = gen
+        impls = impls_of(self.pm, "nekobot_plugin_start", gen.pm_name)
+        for impl in impls:
+            outcome = await call_impl(
+                impl,
+                {"ctx": gen.ctx},
+                plugin=rec.name,
+                hook="nekobot_plugin_start",
+                timeout=k.config.hook_timeout,
+                log=rec.log,
+            )
+            if outcome.error is not None:
+                err = outcome.error
+                detail = (
+                    "timed out"
+                    if isinstance(err, TimeoutError)
+                    else (f"{type(err).__name__}: {err}")
+                )
+                raise PluginLoadError(rec.name, f"nekobot_plugin_start failed: {detail}")
+        gen.gate.open()
+
+    async def _deactivate(self, gen: Generation) -> None:
+        """Close the gate (waiting for calls in flight), run the stop hook, dispose the scope."""
+        k = self.kernel
+        await gen.gate.close(k.config.handler_timeout)
+        if gen.ctx is not None and gen.scope is not None and not gen.scope.closed:
+            for impl in impls_of(self.pm, "nekobot_plugin_stop", gen.pm_name):
+                await call_impl(
+                    impl,
+                    {"ctx": gen.ctx},
+                    plugin=gen.ctx.name,
+                    hook="nekobot_plugin_stop",
+                    timeout=k.config.hook_timeout,
+                    log=gen.ctx.log,
+                )
+        if gen.scope is not None:
+            await gen.scope.dispose()
+
+    async def _retire(self, rec: PluginRecord, gen: Generation) -> None:
+        """Take the serving generation down before a swap (its entries stay until replaced)."""
+        rec.state = PluginState.UNLOADING
+        await self._deactivate(gen)
+        self.pm.unregister(name=gen.pm_name)
+
+    async def _restore(self, rec: PluginRecord, old: Generation) -> None:
+        """Bring a retired generation back after its successor failed to start."""
+        restored = Generation(
+            old.number,
+            old.pm_name,
+            old.imported,
+            old.contributions,
+            [],
+            old.config_schema,
+            old.hooks,
+        )
+        # The old entries point at the retired generation, whose gate stays closed.
+        restored.commands = [attrs.evolve(e, generation=restored) for e in old.commands]
+        self.pm.register(old.imported.module, name=old.pm_name)
+        self._commit_registries(rec, restored, replacing=True)
+        try:
+            await self._activate(rec, restored)
+        except NekoError as exc:
+            await self._deactivate(restored)
+            self.pm.unregister(name=restored.pm_name)
+            self._drop_registries(rec.name, transfer=False)
+            rec.generation = None
+            rec.state, rec.error = PluginState.FAILED, exc.message
+            self._reindex()
+            return
+        rec.generation = restored
+        rec.state = PluginState.ACTIVE
+        self._reindex()
+
+    async def _unload(self, rec: PluginRecord, *, forget_modules: bool, transfer: bool) -> None:
+        """Take a plugin down completely."""
+        gen = rec.generation
+        if gen is None:
+            return
+        rec.state = PluginState.UNLOADING
+        await self._deactivate(gen)
+        self.pm.unregister(name=gen.pm_name)
+        self._drop_registries(rec.name, transfer=transfer)
+        rec.generation = None
+        rec.state = PluginState.DISPOSED
+        if forget_modules:
+            self.kernel.loader.forget(rec.candidate)
+        self._reindex()
+        if transfer and not self._stopping:
+            await self.kernel.persist_commands()
+
+    def _reindex(self) -> None:
+        index: dict[str, list[tuple[str, pluggy.HookImpl, Generation]]] = {}
+        for name in sorted(self.records):
+            gen = self.records[name].generation
+            if gen is None:
+                continue
+            for hook in gen.hooks:
+                for impl in impls_of(self.pm, hook, gen.pm_name):
+                    index.setdefault(hook, []).append((name, impl, gen))
+        self.hook_index = index
+
+    async def _persist_enabled(self, rec: PluginRecord) -> None:
+        await self.remember_enabled(rec.name, rec.enabled)
+
+    async def remember_enabled(self, name: str, enabled: bool) -> None:
+        """Store whether `name` is enabled (also for a plugin not discovered yet)."""
+        await self.kernel.storage.state_set(STATE_SECTION, name, {"enabled": enabled})
+
+    async def _emit_failed(self, rec: PluginRecord, error: str) -> None:
+        await self.kernel.emit(
+            KernelEvent("plugin.failed", {"name": rec.name, "error": error}, plugin=rec.name)
+        )
+
+
+class Operation:
+    """Serializes operations on one plugin and marks it busy while one runs."""
+
+    def __init__(self, rec: PluginRecord) -> None:
+        self.rec = rec
+
+    async def __aenter__(self) -> None:
+        await self.rec.lock.acquire()
+        self.rec.idle = anyio.Event()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.rec.idle.set()
+        self.rec.lock.release()
+
+
+def _registrable(pm: pluggy.PluginManager, module: ModuleType) -> ModuleType:
+    """`module`, or a copy of its namespace if it is registered already.
+
+    A builtin is imported once, so its next generation is the same module object,
+    which pluggy refuses to register twice while the old generation still serves.
+    """
+    if not pm.is_registered(module):
+        return module
+    copy = ModuleType(module.__name__)
+    copy.__dict__.update(vars(module))
+    return copy
+
+
+def _route_items(c: Contributions) -> list[tuple[tuple[str, str], Any]]:
+    items = []
+    for route in c.routes:
+        methods: Iterable[str] = ("WS",) if route.websocket else route.methods
+        for method in methods:
+            items.append(((route.path, method.upper()), route))
+    return items
