@@ -48,5 +48,7 @@ class KernelConfig:
     block_threshold: float = 0.5
     #: Start the loop-blocking watchdog thread.
     watchdog: bool = True
+    #: Extra pip arguments for installing plugin dependencies (e.g. an index to use).
+    pip_args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: Log records kept in memory for the API.
     log_buffer: int = 5000

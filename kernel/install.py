@@ -31,6 +31,7 @@ import pluggy
 from kernel.archive import ArchiveLimits, extract_archive, inspect_archive, remove_staging
 from kernel.calling import Contributions, collect_contributions
 from kernel.commands import CommandEntry
+from kernel.deps import install_requirements, missing_requirements
 from kernel.errors import InstallError, NekoError, PluginExistsError, PluginLoadError
 from kernel.hookspecs import PROJECT, SPEC_MODULES, all_hook_names
 from kernel.loader import PluginCandidate, shadows_module
@@ -88,10 +89,11 @@ async def install_archive(
     plan = await anyio.to_thread.run_sync(inspect_archive, data, limits)
     name, manifest = plan.name, plan.manifest
     check_compatible(manifest)
-    if manifest.dependencies and not kernel.settings.allow_pip_install:
+    missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
+    if missing and not kernel.settings.allow_pip_install:
         raise InstallError(
-            f"plugin {name!r} requires dependencies ({', '.join(manifest.dependencies)}); "
-            "dependency installation is disabled"
+            f"plugin {name!r} requires dependencies ({', '.join(missing)}); "
+            "dependency installation is disabled (setting allow_pip_install)"
         )
     rec = kernel.plugins.records.get(name)
     target = await anyio.to_thread.run_sync(_destination, kernel, name, rec)
@@ -100,6 +102,10 @@ async def install_archive(
 
     staged = await anyio.to_thread.run_sync(extract_archive, plan, data, target.parent)
     try:
+        if missing:
+            # Resolved first (nothing is installed unless all of them resolve), then
+            # installed before the package is imported, since it may import them.
+            await install_requirements(missing, pip_args=kernel.config.pip_args, dry_run=dry_run)
         commands = await _staged_commands(kernel, name, manifest, staged, rec)
         preview = tuple(kernel.commands.preview(name, commands))
         if dry_run:
