@@ -19,6 +19,9 @@ from kernel.errors import ContributionError, NekoError
 from kernel.models import CommandConflict, CommandSpec
 
 _KEY_RE = re.compile(r"^[^\s:/]{1,64}$")
+# Characters on which shlex.split and str.split could disagree (quotes, escapes, and the
+# ASCII whitespace str.split knows but shlex does not).
+_SHLEX_SPECIAL = re.compile(r"[\"'\\\x0b\x0c\x1c-\x1f]")
 
 
 def normalize_key(name: str) -> str:
@@ -60,8 +63,11 @@ class ParsedCommand:
     @property
     def argv(self) -> tuple[str, ...]:
         """The arguments split shell-style (plain whitespace split if quotes are unbalanced)."""
+        args = self.args
+        if args.isascii() and not _SHLEX_SPECIAL.search(args):
+            return tuple(args.split())  # same result as shlex.split, without its tokenizer
         try:
-            return tuple(shlex.split(self.args))
+            return tuple(shlex.split(args))
         except ValueError:
             return tuple(self.args.split())
 

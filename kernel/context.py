@@ -8,14 +8,14 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
-
 from kernel.errors import DisposedError
 from kernel.lifecycle import DisposeCallback, Scope, TaskHandle
 from kernel.models import KernelEvent, Reply, Target
 from kernel.storage import PluginStore
 
 if TYPE_CHECKING:
+    import httpx
+
     from kernel.kernel import Kernel
 
 T = TypeVar("T")
@@ -97,6 +97,8 @@ class PluginContext:
         if self.scope.closed:
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot use http")
         if self._http is None:
+            import httpx  # ~40-70 ms of start-up; most plugins never use it
+
             client = httpx.AsyncClient(timeout=30.0)
             self.scope.on_dispose(client.aclose, name="http client")
             self._http = client

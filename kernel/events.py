@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 _MAX_RETRIES = 5
+_MAX_SPARE = 256
 
 
 class Adapter(Protocol):
@@ -46,6 +47,9 @@ class Pipeline:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self._conversations: dict[tuple[str, str, str], _Conversation] = {}
+        # Idle conversation objects kept for reuse: creating an anyio.Lock per message of
+        # an uncontended conversation is a measurable share of dispatch time.
+        self._spare: list[_Conversation] = []
         #: platform instance id -> adapter that sends for it.
         self.adapters: dict[str, Adapter] = {}
         self.handled = 0
@@ -78,7 +82,8 @@ class Pipeline:
         key = event.conversation
         conv = self._conversations.get(key)
         if conv is None:
-            conv = self._conversations[key] = _Conversation()
+            spare = self._spare
+            conv = self._conversations[key] = spare.pop() if spare else _Conversation()
         conv.users += 1
         try:
             async with conv.lock:
@@ -87,6 +92,8 @@ class Pipeline:
             conv.users -= 1
             if conv.users == 0:
                 del self._conversations[key]
+                if len(self._spare) < _MAX_SPARE:
+                    self._spare.append(conv)  # nobody holds or waits for its lock now
 
     async def _handle(self, event: MessageEvent, adapter: Adapter | None) -> int:
         self.handled += 1
@@ -154,18 +161,20 @@ class Pipeline:
             event, entry.name, parsed.args, parsed.argv, parsed.prefix, ctx, send
         )
         timeout = spec.timeout or self.kernel.config.handler_timeout
+        result: Reply | str | None = None
         try:
-            with anyio.fail_after(timeout):
+            # A bare deadline scope: what fail_after does, minus two generator layers.
+            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                 result = await spec.handler(invocation)
-        except TimeoutError:
-            ctx.log.error("command %r timed out after %.1fs", entry.qualified, timeout)
-            await send(f"{parsed.prefix}{parsed.name} timed out.")
-            return
         except Exception as exc:
             ctx.log.error(
                 "command %r raised %s: %s", entry.qualified, type(exc).__name__, exc, exc_info=True
             )
             await send(f"{parsed.prefix}{parsed.name} failed.")
+            return
+        if scope.cancelled_caught:
+            ctx.log.error("command %r timed out after %.1fs", entry.qualified, timeout)
+            await send(f"{parsed.prefix}{parsed.name} timed out.")
             return
         await send(_checked_reply(result, ctx.log, entry.qualified))
 

@@ -335,11 +335,11 @@ async def test_dependencies_are_refused_while_pip_install_is_off(
     tmp_path: Path, plugin_dir: Path
 ) -> None:
     name = f"{PREFIX}deps"
-    data = archive(name, "", manifest={"dependencies": ["requests>=2"]})
+    data = archive(name, "", manifest={"dependencies": ["nekobot-surely-missing-dep>=2"]})
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
         with pytest.raises(InstallError, match="dependency installation is disabled"):
             await install_archive(kernel, data)
-        with pytest.raises(InstallError, match="requests>=2"):
+        with pytest.raises(InstallError, match="nekobot-surely-missing-dep>=2"):
             await install_archive(kernel, data, dry_run=True)
         assert listing(plugin_dir) == []
 
