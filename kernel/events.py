@@ -9,14 +9,15 @@ and under a time bound.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import attrs
 
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
 from kernel.lifecycle import GateClosedError
-from kernel.models import CommandInvocation, MessageEvent, Reply, Target, as_reply
+from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
 
 if TYPE_CHECKING:
     from kernel.generations import Generation
@@ -107,7 +108,15 @@ class Pipeline:
             await adapter.send(event.target, reply)
             sent += 1
 
-        parsed = parse_command(event.text, self.kernel.bot_config.command_prefixes)
+        config = self.kernel.bot_config
+        if config.wake_words:
+            event = strip_wake_word(event, config.wake_words)
+        parsed = parse_command(event.text, config.command_prefixes)
+        if parsed is None and event.to_me and config.wake_words:
+            # "neko help": after a wake word the command prefix is optional.
+            parsed = parse_command(event.text, ("",))
+            if parsed is not None and self.kernel.commands.lookup(parsed.name) is None:
+                parsed = None
         if parsed is not None and await self._run_command(event, parsed, send):
             return sent
         await self._offer(event, send)
@@ -219,6 +228,23 @@ class Pipeline:
                 else self.kernel.log
             )
             await send(_checked_reply(value, log, plugin))
+
+
+def strip_wake_word(event: MessageEvent, wake_words: Sequence[str]) -> MessageEvent:
+    """If the message starts with a wake word, drop it and mark the event `to_me`."""
+    segments = event.segments
+    if not segments or segments[0].type != "text":
+        return event
+    text = str(segments[0].data.get("text", ""))
+    stripped = text.lstrip()
+    folded = stripped.casefold()
+    for word in sorted(wake_words, key=len, reverse=True):
+        w = word.casefold()
+        if folded.startswith(w) and (len(folded) == len(w) or not folded[len(w)].isalnum()):
+            rest = stripped[len(word) :].lstrip(" ,:\uff0c\uff1a")  # also full-width , :
+            first = Segment("text", {**segments[0].data, "text": rest})
+            return attrs.evolve(event, segments=(first, *segments[1:]), to_me=True)
+    return event
 
 
 def _in_scope(entry: CommandEntry, event: MessageEvent) -> bool:

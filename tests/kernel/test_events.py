@@ -455,3 +455,34 @@ async def test_a_hanging_handler_is_bounded_by_handler_timeout(tmp_path: Path) -
         errors = plugin_errors(kernel, "evt_hang")
         assert any("timed out" in m and "hang" in m for m in errors), errors
         assert any("nekobot_on_message timed out" in m for m in errors), errors
+
+
+WAKE = """
+from kernel import hookimpl, CommandSpec
+
+async def ping(cmd):
+    return "pong " + cmd.args
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("ping", ping)]
+
+@hookimpl
+async def nekobot_on_message(event, ctx):
+    return f"chat to_me={event.to_me} text={event.text!r}"
+"""
+
+
+@pytest.mark.anyio
+async def test_wake_words_address_the_bot(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "ev_wake", WAKE)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        await kernel.update_bot_config(wake_words=["Neko"])
+        bot = MockBot(kernel, chat_type="group")
+        assert await bot.receive("neko, ping a") == ["pong a"]
+        assert await bot.receive("NEKO /ping b") == ["pong b"]
+        assert await bot.receive("/ping c") == ["pong c"]
+        assert await bot.receive("neko how are you") == ["chat to_me=True text='how are you'"]
+        assert await bot.receive("nekomimi ping") == ["chat to_me=False text='nekomimi ping'"]
+        assert await bot.receive("ping d") == ["chat to_me=False text='ping d'"]
