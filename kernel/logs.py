@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import queue
@@ -49,6 +50,7 @@ class KernelLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._seq += 1
+            record.nekobot_seq = self._seq  # the file handler (after this one) writes it too
             exc_text = None
             if record.exc_info:
                 # Keep the text only: a traceback object would keep a plugin's frames
@@ -86,6 +88,60 @@ class _StripTraceback(logging.handlers.QueueHandler):
         return record
 
 
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line, with the fields of `LogRecord`, so the file can be read
+    back by the API."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "seq": getattr(record, "nekobot_seq", 0),
+                "time": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "plugin": getattr(record, "plugin", None),
+                "message": record.getMessage(),
+            },
+            ensure_ascii=False,
+        )
+
+
+def read_log_file(
+    path: Path, max_records: int = 20_000, max_bytes: int = 16 << 20
+) -> list[LogRecord]:
+    """The last records of a JSON-lines log file (blocking: call it from a worker thread)."""
+    if max_records <= 0:
+        return []
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.splitlines()
+    if size > max_bytes:
+        lines = lines[1:]  # the first line was cut
+    out = []
+    for line in lines[-max_records:]:
+        try:
+            item = json.loads(line)
+            out.append(
+                LogRecord(
+                    seq=int(item["seq"]),
+                    time=float(item["time"]),
+                    level=str(item["level"]),
+                    logger=str(item["logger"]),
+                    plugin=item.get("plugin"),
+                    message=str(item["message"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue  # a line of an older format, or torn by a crash
+    return out
+
+
 class KernelLogging:
     """Attaches one kernel's handlers to the `nekobot` logger, and detaches them."""
 
@@ -103,9 +159,7 @@ class KernelLogging:
         file_handler = logging.handlers.RotatingFileHandler(
             self._log_dir / "nekobot.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
         )
-        file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        file_handler.setFormatter(JsonLinesFormatter())
         self._listener = logging.handlers.QueueListener(self._queue, file_handler)
         self._listener.start()
         root = logging.getLogger("nekobot")
@@ -113,6 +167,11 @@ class KernelLogging:
             root.setLevel(logging.INFO)
         root.addHandler(self.buffer)
         root.addHandler(self._queue_handler)
+
+    @property
+    def file(self) -> Path:
+        """The current log file (JSON lines)."""
+        return self._log_dir / "nekobot.log"
 
     def stop(self) -> None:
         """Detach the handlers and close the file."""
