@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 #: Benchmark module names, in the order `python -m benchmarks` runs them.
-BENCHMARKS: tuple[str, ...] = ("dispatch", "hot_reload", "startup")
+BENCHMARKS: tuple[str, ...] = ("dispatch", "hot_reload", "startup", "api_http", "logs_fanout")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
+from starlette.routing import BaseRoute, Match, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
 PRINCIPAL = "nekobot.principal"
 _REDISPATCH = "nekobot.redispatch"
+
+
+def route_path(scope: Scope) -> str:
+    """The request path below the app's mount point (`root_path`)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def error_response(status: int, message: str, code: str) -> Response:
@@ -140,12 +147,44 @@ class KernelApp:
                 routes.append(Route(route.path, endpoint, methods=methods[rid], name=route.name))
         routes.sort(key=_route_order)
         self.routes = routes
-        app: ASGIApp = Router(routes=routes, default=_not_found)
+        app: ASGIApp = _StaticFirstRouter(routes)
         middleware = sorted((e.item for e in k.middleware), key=lambda m: m.order, reverse=True)
         for spec in middleware:
             factory: Callable[[ASGIApp], ASGIApp] = spec.factory
             app = factory(app)
         return app
+
+
+class _StaticFirstRouter:
+    """A starlette Router that finds routes without path parameters by a dict lookup
+    (the common case) before falling back to its linear scan."""
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        self.router = Router(routes=routes, default=_not_found)
+        self.static: dict[str, list[BaseRoute]] = {}
+        for route in routes:
+            path = getattr(route, "path", "")
+            if "{" not in path:
+                self.static.setdefault(path, []).append(route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        candidates = self.static.get(route_path(scope)) if scope["type"] != "lifespan" else None
+        if candidates:
+            scope.setdefault("router", self.router)
+            partial = None
+            for route in candidates:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    await route.handle(scope, receive, send)
+                    return
+                if match is Match.PARTIAL and partial is None:
+                    partial = (route, child)
+            if partial is not None:  # e.g. the wrong method: the route answers 405
+                scope.update(partial[1])
+                await partial[0].handle(scope, receive, send)
+                return
+        await self.router(scope, receive, send)
 
 
 def _route_order(route: BaseRoute) -> tuple[int, str]:

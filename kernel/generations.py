@@ -8,6 +8,7 @@ generation is brought back. `PluginManager` builds its public operations on this
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -51,7 +52,7 @@ CONFIG_SECTION = "plugin_config"
 _HOOK_NAMES = frozenset(all_hook_names())
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=False)  # slots=False: cached_property
 class Generation:
     """One imported version of a plugin, with what it contributed and what it holds."""
 
@@ -65,6 +66,19 @@ class Generation:
     gate: Gate = attrs.field(factory=Gate)
     scope: Scope | None = None
     ctx: PluginContext | None = None
+
+    @functools.cached_property
+    def route_labels(self) -> tuple[str, ...]:
+        """`METHOD /path` of every route it contributes (`WS /path` for WebSockets)."""
+        return tuple(
+            sorted(
+                {
+                    f"{m} {r.path}"
+                    for r in self.contributions.routes
+                    for m in (("WS",) if r.websocket else r.methods)
+                }
+            )
+        )
 
 
 @attrs.define(eq=False)

@@ -98,6 +98,8 @@ class Kernel:
         self._event_subscribers: list[EventSubscriber] = []
         self._tg: TaskGroup | None = None
         self._reloader: Any = None
+        #: Serializes settings updates: each merges into the value the previous one stored.
+        self._settings_lock = anyio.Lock()
         self.running = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -186,9 +188,10 @@ class Kernel:
         self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any
     ) -> BotConfig:
         """Merge, validate (ConfigError names the field), store and apply bot config."""
-        new = merged(self.bot_config, {**(changes or {}), **kwargs}, BOT_CONFIG_SCHEMA)
-        await self.storage.state_set("kernel", "bot_config", to_json(new))
-        self.bot_config = new
+        async with self._settings_lock:
+            new = merged(self.bot_config, {**(changes or {}), **kwargs}, BOT_CONFIG_SCHEMA)
+            await self.storage.state_set("kernel", "bot_config", to_json(new))
+            self.bot_config = new
         await self.emit(KernelEvent("bot_config.changed", {}))
         return new
 
@@ -196,9 +199,10 @@ class Kernel:
         self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any
     ) -> Settings:
         """Merge, validate, store and apply server settings (hot reload starts/stops now)."""
-        new = merged(self.settings, {**(changes or {}), **kwargs}, SETTINGS_SCHEMA)
-        await self.storage.state_set("kernel", "settings", to_json(new))
-        self.settings = new
+        async with self._settings_lock:
+            new = merged(self.settings, {**(changes or {}), **kwargs}, SETTINGS_SCHEMA)
+            await self.storage.state_set("kernel", "settings", to_json(new))
+            self.settings = new
         self._apply_log_level()
         if self.running:
             if new.hot_reload:

@@ -68,6 +68,7 @@ class PluginManager(GenerationOps):
         #: top-level module name -> plugin name, for attributing stack frames.
         self.module_owners: dict[str, str] = {}
         self._stopping = False
+        self._infos_cache: tuple[tuple[Any, ...], list[PluginInfo]] | None = None
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -180,17 +181,7 @@ class PluginManager(GenerationOps):
         rec = self.record(name)
         cand, gen = rec.candidate, rec.generation
         manifest = cand.manifest
-        routes: tuple[str, ...] = ()
-        if gen is not None:
-            routes = tuple(
-                sorted(
-                    {
-                        f"{m} {r.path}" if not r.websocket else f"WS {r.path}"
-                        for r in gen.contributions.routes
-                        for m in (r.methods if not r.websocket else ("WS",))
-                    }
-                )
-            )
+        routes = gen.route_labels if gen is not None else ()
         return PluginInfo(
             name=rec.name,
             version=manifest.version if manifest else "",
@@ -210,8 +201,14 @@ class PluginManager(GenerationOps):
         )
 
     def infos(self) -> list[PluginInfo]:
-        """Snapshots of every plugin, by name."""
-        return [self.info(n) for n in sorted(self.records)]
+        """Snapshots of every plugin, by name (rebuilt only when a plugin changed)."""
+        fingerprint = tuple(
+            (n, r.state, r.enabled, r.error, r.generation, r.loaded_at, r.reload_count)
+            for n, r in sorted(self.records.items())
+        )
+        if self._infos_cache is None or self._infos_cache[0] != fingerprint:
+            self._infos_cache = (fingerprint, [self.info(n) for n, *_ in fingerprint])
+        return list(self._infos_cache[1])
 
     def conflicts_of(self, name: str) -> tuple[CommandConflict, ...]:
         """The command conflicts a plugin takes part in."""

@@ -32,6 +32,12 @@ def validate_config(schema: Mapping[str, Any] | None, config: Any) -> dict[str, 
         )
         if errors:
             first = errors[0]
-            field = ".".join(str(p) for p in first.absolute_path) or "config"
-            raise ConfigError(field, first.message)
+            path = [str(p) for p in first.absolute_path]
+            if first.validator == "additionalProperties" and isinstance(first.instance, Mapping):
+                # Name the unknown property itself, not the object that holds it.
+                schema_ = first.schema if isinstance(first.schema, Mapping) else {}
+                known = schema_.get("properties", {})
+                extra = sorted(str(k) for k in first.instance if k not in known)
+                path += extra[:1]
+            raise ConfigError(".".join(path) or "config", first.message)
     return full

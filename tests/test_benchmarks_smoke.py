@@ -10,7 +10,16 @@ import os
 
 import pytest
 
-from benchmarks import BENCHMARKS, dispatch, hot_reload, percentile, pinned_to_one_core, startup
+from benchmarks import (
+    BENCHMARKS,
+    api_http,
+    dispatch,
+    hot_reload,
+    logs_fanout,
+    percentile,
+    pinned_to_one_core,
+    startup,
+)
 from benchmarks import __main__ as bench_main
 
 
@@ -77,6 +86,49 @@ def test_startup_quick() -> None:
     _all_positive(figures, {"start_median_s", "stop_median_s"})
     if os.path.exists("/proc/self/status"):
         _all_positive(figures, {"rss_median_mib"})
+
+
+def test_api_http_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    figures = api_http.main(["--quick"])
+    _all_positive(
+        figures,
+        {
+            "bare_req_per_s",
+            "kernel_req_per_s",
+            "kernel_vs_bare",
+            "bare_req_per_cpu_s",
+            "kernel_req_per_cpu_s",
+        },
+    )
+    # Authenticated, under the raised rate limit: every answer was a 200.
+    assert figures["kernel_non_200"] == 0
+    assert figures["bare_non_200"] == 0
+    assert "== api_http:" in capsys.readouterr().out
+
+
+def test_logs_fanout_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    figures = logs_fanout.main(["--quick"])
+    _all_positive(
+        figures,
+        {
+            "emitted_records_per_s",
+            "delivered_per_sub_min_per_s",
+            "delivered_total_per_s",
+            "record_cost_alone_us",
+            "record_cost_subscribed_us",
+            "idle_handling_median_ms",
+            "loaded_handling_median_ms",
+            "idle_arrival_median_ms",
+            "loaded_arrival_median_ms",
+            "handling_median_loaded_vs_idle",
+            "arrival_median_loaded_vs_idle",
+            "idle_e2e_median_ms",
+            "loaded_e2e_median_ms",
+            "e2e_median_loaded_vs_idle",
+        },
+    )
+    assert 0 < figures["delivered_fraction"] <= 1
+    assert "== logs_fanout:" in capsys.readouterr().out
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:

@@ -8,12 +8,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
+from builtin_plugins.api.cors import CORSMiddleware
 from builtin_plugins.api.hub import SERVICE as HUB_SERVICE
 from builtin_plugins.api.hub import Hub
 from builtin_plugins.api.openapi import openapi_json
 from builtin_plugins.api.ratelimit import SERVICE as RATE_LIMIT_SERVICE
 from builtin_plugins.api.ratelimit import RateLimiter, RateLimitMiddleware
-from builtin_plugins.api.shapes import event_json, record_json
+from builtin_plugins.api.shapes import conflict_json, event_json, record_json
 from builtin_plugins.api.web import ErrorMiddleware
 from kernel import KernelEvent, MiddlewareSpec, PluginContext, RouteSpec, hookimpl
 from kernel.version import __version__
@@ -96,6 +97,21 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
         hub.publish("events", event_json(event))
         if event.type in _CHANNEL_CHANGES:
             hub.close_missing_channels()
+        if event.type in ("plugin.enabled", "plugin.reloaded") and event.plugin:
+            # The kernel reports a plugin's command conflicts with the operation; the
+            # dashboard hears of them here, whoever enabled the plugin (API, hot reload).
+            conflicts = ctx.kernel.plugins.conflicts_of(event.plugin)
+            if conflicts:
+                hub.publish(
+                    "events",
+                    event_json(
+                        KernelEvent(
+                            "command.conflicts",
+                            {"conflicts": [conflict_json(c) for c in conflicts]},
+                            plugin=event.plugin,
+                        )
+                    ),
+                )
 
     ctx.subscribe_events(on_event)
 
@@ -105,5 +121,7 @@ def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
     return [
         # Outermost: whatever goes wrong below becomes the error envelope, never a traceback.
         MiddlewareSpec("api-errors", ErrorMiddleware, order=-100),
+        # Before rate limits and auth: a preflight carries no token.
+        MiddlewareSpec("api-cors", CORSMiddleware, order=-90),
         MiddlewareSpec("api-ratelimit", RateLimitMiddleware, order=-50),
     ]

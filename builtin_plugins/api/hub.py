@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from builtin_plugins.api.web import loads
 from kernel.asgi import PRINCIPAL
 
 SERVICE = "ws.hub"
@@ -23,6 +24,8 @@ QUEUE_SIZE = 256
 #: A subscriber that skipped this many messages in a row is disconnected.
 MAX_SKIPPED = 2048
 AUTH_GRACE_SECONDS = 5.0
+#: How often an open connection's token is checked for revocation.
+TOKEN_CHECK_SECONDS = 5.0
 
 
 class Subscriber:
@@ -31,8 +34,14 @@ class Subscriber:
     def __init__(self, send: MemoryObjectSendStream[dict[str, Any]]) -> None:
         self.send = send
         self.channels: set[str] = set()
+        #: Messages skipped in a row, and in all.
         self.skipped = 0
+        self.skipped_total = 0
         self.dropped = False
+        #: Set when the connection's token expired or was revoked.
+        self.token_invalid = False
+        #: Called once when the subscriber is dropped: ends its connection.
+        self.on_drop: Callable[[], None] | None = None
 
     def offer(self, message: dict[str, Any]) -> None:
         """Queue `message` without waiting; a full queue skips it."""
@@ -43,10 +52,18 @@ class Subscriber:
             self.skipped = 0
         except anyio.WouldBlock:
             self.skipped += 1
+            self.skipped_total += 1
             if self.skipped >= MAX_SKIPPED:
-                self.dropped = True
+                self._drop()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self.dropped = True
+            self._drop()
+
+    def _drop(self) -> None:
+        # Its writer may be stuck in a send to a peer that reads nothing: cancel it, so
+        # that the connection ends and its queue is freed.
+        self.dropped = True
+        if self.on_drop is not None:
+            self.on_drop()
 
 
 class Hub:
@@ -91,27 +108,46 @@ class Hub:
     async def serve(self, ws: WebSocket) -> None:
         """Run one connection: authenticate, then handle actions until it closes."""
         await ws.accept()
-        if ws.scope.get(PRINCIPAL) is None and not await self._first_frame_auth(ws):
-            return
+        principal = ws.scope.get(PRINCIPAL)
+        claims = principal.get("claims") if isinstance(principal, dict) else None
+        if principal is None:
+            claims = await self._first_frame_auth(ws)
+            if claims is None:
+                return
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](QUEUE_SIZE)
         sub = Subscriber(send)
         self.subscribers.add(sub)
+        going_away = False
         try:
             async with anyio.create_task_group() as tg:
+                sub.on_drop = tg.cancel_scope.cancel
                 tg.start_soon(self._writer, ws, receive, sub, tg.cancel_scope)
+                if isinstance(claims, dict):
+                    tg.start_soon(self._watch_token, claims, sub, tg.cancel_scope)
                 await self._reader(ws, sub)
                 tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            going_away = True  # the plugin is being disposed (reload, shutdown)
+            raise
         finally:
             self.subscribers.discard(sub)
             send.close()
             receive.close()
-            await _close(ws, 1000, "")
+            if sub.token_invalid:
+                await _close(ws, 4401, "token expired or revoked")
+            elif sub.dropped:
+                await _close(ws, 1008, "subscriber too slow")
+            elif going_away:
+                await _close(ws, 1012, "server restarting; reconnect")
+            else:
+                await _close(ws, 1000, "")
 
-    async def _first_frame_auth(self, ws: WebSocket) -> bool:
+    async def _first_frame_auth(self, ws: WebSocket) -> dict[str, Any] | None:
+        """The claims of the token in a first `auth` frame; else the socket is closed."""
         service = self.kernel.services.get("auth")
         with anyio.move_on_after(AUTH_GRACE_SECONDS):
             try:
-                frame = json.loads(await ws.receive_text())
+                frame = loads(await ws.receive_text())
             except (ValueError, KeyError, WebSocketDisconnect):
                 frame = None
             if (
@@ -119,12 +155,27 @@ class Hub:
                 and frame.get("action") == "auth"
                 and isinstance(frame.get("token"), str)
                 and service is not None
-                and service.verify(frame["token"]) is not None
             ):
-                await ws.send_json({"type": "authenticated"})
-                return True
+                claims = service.verify(frame["token"])
+                if isinstance(claims, dict):
+                    await ws.send_json({"type": "authenticated"})
+                    return claims
         await _close(ws, 4401, "authentication required")
-        return False
+        return None
+
+    async def _watch_token(
+        self, claims: Mapping[str, Any], sub: Subscriber, cancel: anyio.CancelScope
+    ) -> None:
+        """End the connection once its token expires or is revoked (logout)."""
+        while True:
+            left = float(claims.get("exp", 0)) - time.time()
+            await anyio.sleep(max(0.0, min(TOKEN_CHECK_SECONDS, left)))
+            service = self.kernel.services.get("auth")
+            revoked = getattr(service, "revoked", {})
+            if time.time() >= float(claims.get("exp", 0)) or claims.get("jti") in revoked:
+                sub.token_invalid = True
+                cancel.cancel()
+                return
 
     async def _writer(
         self, ws: WebSocket, receive: Any, sub: Subscriber, cancel: anyio.CancelScope
@@ -147,7 +198,7 @@ class Hub:
             except (WebSocketDisconnect, KeyError, RuntimeError):
                 return
             try:
-                frame = json.loads(text)
+                frame = loads(text)
             except ValueError:
                 sub.offer({"type": "error", "message": "frame is not valid JSON"})
                 continue

@@ -47,6 +47,200 @@ COMPONENTS: dict[str, Any] = {
     "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
 }
 
+_NULLABLE_STR = {"type": ["string", "null"]}
+_STR_LIST = {"type": "array", "items": {"type": "string"}}
+COMPONENTS["schemas"].update(
+    {
+        "Plugin": {
+            "type": "object",
+            "required": ["name", "version", "source", "essential", "state", "enabled"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "description": {"type": "string"},
+                "author": {"type": "string"},
+                "source": {"enum": ["builtin", "entrypoint", "user"]},
+                "essential": {"type": "boolean"},
+                "state": {"type": "string"},
+                "error": _NULLABLE_STR,
+                "enabled": {"type": "boolean"},
+                "commands": _STR_LIST,
+                "routes": _STR_LIST,
+                "hooks": _STR_LIST,
+                "loaded_at": {"type": ["number", "null"]},
+                "reload_count": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Conflict": {
+            "type": "object",
+            "required": ["key", "candidates", "holder", "resolution"],
+            "properties": {
+                "key": {"type": "string"},
+                "candidates": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["plugin", "qualified_name"],
+                        "properties": {
+                            "plugin": {"type": "string"},
+                            "qualified_name": {"type": "string"},
+                        },
+                    },
+                },
+                "holder": {"type": "string"},
+                "resolution": _NULLABLE_STR,
+            },
+        },
+        "OperationResult": {
+            "type": "object",
+            "required": ["plugin", "conflicts", "changed"],
+            "properties": {
+                "plugin": {"$ref": "#/components/schemas/Plugin"},
+                "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
+                "changed": {"type": "boolean"},
+            },
+        },
+        "Command": {
+            "type": "object",
+            "required": ["name", "qualified_name", "plugin", "holds_name"],
+            "properties": {
+                "name": {"type": "string"},
+                "aliases": _STR_LIST,
+                "admin_aliases": _STR_LIST,
+                "qualified_name": {"type": "string"},
+                "plugin": {"type": "string"},
+                "description": {"type": "string"},
+                "usage": {"type": "string"},
+                "permission": {},
+                "platforms": {"type": ["array", "null"], "items": {"type": "string"}},
+                "enabled": {"type": "boolean"},
+                "holds_name": {"type": "boolean"},
+            },
+        },
+        "LogRecord": {
+            "type": "object",
+            "required": ["seq", "time", "level", "logger", "plugin", "message"],
+            "properties": {
+                "seq": {"type": "integer"},
+                "time": {"type": "number"},
+                "level": {"type": "string"},
+                "logger": {"type": "string"},
+                "plugin": _NULLABLE_STR,
+                "message": {"type": "string"},
+                "exc_text": _NULLABLE_STR,
+            },
+        },
+    }
+)
+
+
+# -- helpers for plugins that describe their routes (`RouteSpec(openapi=...)`) ---------
+
+
+def ref(name: str) -> dict[str, Any]:
+    """A reference to one of the shared component schemas."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_body(
+    properties: Mapping[str, Any],
+    required: tuple[str, ...] = (),
+    *,
+    optional: bool = False,
+) -> dict[str, Any]:
+    """A JSON object request body; unknown fields are refused (as `read_json` does)."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": dict(properties),
+    }
+    if required:
+        schema["required"] = list(required)
+    return {
+        "requestBody": {
+            "required": not optional,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+def query(*params: Mapping[str, Any]) -> dict[str, Any]:
+    """Query parameters, each made by `param`."""
+    return {"parameters": [dict(p) for p in params]}
+
+
+def param(
+    name: str, schema: Mapping[str, Any], *, required: bool = False, description: str = ""
+) -> dict[str, Any]:
+    """One query parameter."""
+    out: dict[str, Any] = {"name": name, "in": "query", "required": required, "schema": schema}
+    if description:
+        out["description"] = description
+    return out
+
+
+def page_params(
+    sort_fields: tuple[str, ...], default_sort: str, default_order: str = "asc"
+) -> list[dict[str, Any]]:
+    """The `page`, `page_size`, `sort_by` and `order` parameters of a list endpoint."""
+    return [
+        param("page", {"type": "integer", "minimum": 1, "default": 1}, description="1-based"),
+        param(
+            "page_size",
+            {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+        ),
+        param("sort_by", {"enum": list(sort_fields), "default": default_sort}),
+        param("order", {"enum": ["asc", "desc"], "default": default_order}),
+    ]
+
+
+def page_of(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The `data` of a list endpoint: one page of `item`s."""
+    return {
+        "type": "object",
+        "required": ["items", "total", "page", "page_size"],
+        "properties": {
+            "items": {"type": "array", "items": dict(item)},
+            "total": {"type": "integer", "minimum": 0},
+            "page": {"type": "integer", "minimum": 1},
+            "page_size": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+    }
+
+
+def returns(data: Mapping[str, Any], *, status: str = "200") -> dict[str, Any]:
+    """The success response whose envelope carries `data`."""
+    return {
+        "responses": {
+            status: {
+                "description": "Success",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status", "data"],
+                            "properties": {"status": {"const": "success"}, "data": dict(data)},
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+
+def operation(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge fragments made by the helpers above into one `RouteSpec.openapi` mapping."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "parameters":
+                out["parameters"] = [*out.get("parameters", []), *value]
+            elif key == "responses":
+                out["responses"] = {**out.get("responses", {}), **value}
+            else:
+                out[key] = value
+    return out
+
 
 def _operation(owner: str, route: Any, method: str) -> dict[str, Any]:
     path_params = _PARAM_RE.findall(route.path)
@@ -85,6 +279,11 @@ def _operation(owner: str, route: Any, method: str) -> dict[str, Any]:
     for key, value in extra.items():
         if key == "parameters":
             op["parameters"] = [*op.get("parameters", []), *value]
+        elif key == "responses":
+            # A route declares its success shape; the error statuses stay.
+            op["responses"] = {**op["responses"], **value}
+            if method in ("POST", "PUT") and "200" in value and "201" not in value:
+                op["responses"]["201"] = value["200"]
         else:
             op[key] = value
     return op
@@ -99,6 +298,7 @@ def build_document(kernel: Any) -> dict[str, Any]:
             continue
         template = _PARAM_RE.sub(lambda m: "{" + m.group(1) + "}", path)
         paths.setdefault(template, {})[method.lower()] = _operation(entry.owner, route, method)
+    _unique_operation_ids(kernel, paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -111,6 +311,31 @@ def build_document(kernel: Any) -> dict[str, Any]:
         "components": COMPONENTS,
         "security": [{"bearerAuth": []}],
     }
+
+
+def _unique_operation_ids(kernel: Any, paths: dict[str, dict[str, Any]]) -> None:
+    """Make operation ids unique (plugins may reuse a route name): builtins keep theirs,
+    then the first by owner and path; the others get their owner's name, or a number."""
+
+    def rank(item: tuple[str, str, dict[str, Any]]) -> tuple[bool, str, str, str]:
+        path, method, op = item
+        owner = op["tags"][0] if op.get("tags") else ""
+        rec = kernel.plugins.records.get(owner)
+        builtin = rec is not None and rec.candidate.source.value == "builtin"
+        return (not builtin, owner, path, method)
+
+    ops = [(path, method, op) for path, item in paths.items() for method, op in item.items()]
+    taken: set[str] = set()
+    for _path, _method, op in sorted(ops, key=rank):
+        wanted = re.sub(r"[^a-zA-Z0-9_.-]+", "_", op["operationId"])
+        if wanted in taken:
+            owner = op["tags"][0] if op.get("tags") else "route"
+            wanted = f"{owner}.{wanted}"
+        base, n = wanted, 2
+        while wanted in taken:
+            wanted, n = f"{base}_{n}", n + 1
+        taken.add(wanted)
+        op["operationId"] = wanted
 
 
 async def openapi_json(request: Request) -> JSONResponse:

@@ -6,10 +6,10 @@ import math
 import time
 
 from starlette.datastructures import MutableHeaders
-from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from builtin_plugins.api.web import RESPONSE_HEADERS, failure
+from kernel.asgi import route_path
 
 SERVICE = "api.ratelimit"
 _WINDOW = 60.0
@@ -47,7 +47,7 @@ class RateLimitMiddleware:
         if (
             scope["type"] != "http"
             or not isinstance(limiter, RateLimiter)
-            or not get_route_path(scope).startswith(_LIMITED_PREFIXES)
+            or not route_path(scope).startswith(_LIMITED_PREFIXES)
             # A request re-routed while its plugin was swapped was counted already.
             or scope.get("nekobot.redispatch")
         ):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel.errors import (
@@ -26,12 +28,16 @@ from kernel.errors import (
     InstallError,
     ManifestError,
     NekoError,
+    PluginExistsError,
     PluginLoadError,
     PluginNotFoundError,
     ReloadError,
 )
 
 log = logging.getLogger("nekobot.plugins.api")
+
+#: Scope key of headers that every response must carry, error responses included.
+RESPONSE_HEADERS = "nekobot.response_headers"
 
 #: Most specific first.
 _STATUS: tuple[tuple[type[NekoError], int], ...] = (
@@ -41,6 +47,7 @@ _STATUS: tuple[tuple[type[NekoError], int], ...] = (
     (PluginLoadError, 422),
     (ContributionError, 422),
     (ManifestError, 400),
+    (PluginExistsError, 409),
     (InstallError, 400),
     (ConfigError, 400),
     (ConflictError, 409),
@@ -108,7 +115,17 @@ def response_for(exc: BaseException) -> Response:
         field = getattr(exc, "field", None)
         if field:
             details["field"] = field
+        cause = exc.__cause__
+        if isinstance(cause, ConflictError) and not isinstance(exc, ReloadError):
+            # Enabling a plugin whose route or channel another plugin holds: a conflict.
+            details["conflict"] = {"kind": cause.kind, "key": cause.key, "holder": cause.holder}
+            return failure(409, exc.message, ConflictError.code, details)
         return failure(status_of(exc), exc.message, exc.code, details or None)
+    if isinstance(exc, HTTPException):
+        # Starlette's own answers (405 with `Allow`, ...) in the envelope.
+        status = exc.status_code
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        return failure(status, str(exc.detail), code, headers=exc.headers)
     request_id = secrets.token_hex(6)
     log.error(
         "internal error (request %s): %s: %s", request_id, type(exc).__name__, exc, exc_info=exc
@@ -132,6 +149,9 @@ class ErrorMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        # With an app in the scope, Starlette routes raise HTTPException (e.g. 405) instead
+        # of answering in plain text, so that those answers get the envelope too.
+        scope.setdefault("app", self.app)
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -147,7 +167,40 @@ class ErrorMiddleware:
             if started:
                 log.error("error after the response started: %s", exc, exc_info=exc)
                 return
-            await response_for(exc)(scope, receive, send)
+            response = response_for(exc)
+            if isinstance(exc, HTTPException) and exc.status_code == 405:
+                allow = _allowed_methods(scope)
+                if allow:
+                    response.headers["Allow"] = allow
+            # Inner middleware (the rate limiter) left headers for every response to carry.
+            for name, value in scope.get(RESPONSE_HEADERS, {}).items():
+                response.headers[name] = value
+            await response(scope, receive, send)
+
+
+def _allowed_methods(scope: Scope) -> str:
+    """Every method some route serves at this path. A 405 from Starlette names only the
+    methods of the first route that matched, and each plugin route is a route of its own."""
+    kernel = scope.get("nekobot.kernel")
+    methods: set[str] = set()
+    for route in getattr(getattr(kernel, "asgi_app", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse strict JSON; any bad input (also NaN/Infinity, or nesting too deep for the
+    parser) is a ValueError, never another exception."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 async def read_json(
@@ -167,11 +220,13 @@ async def read_json(
             )
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON", "invalid_json") from None
+        body = loads(raw)
+    except ValueError:
+        raise ApiError(
+            400, "request body is not valid JSON", "invalid_json", {"field": "body"}
+        ) from None
     if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", "invalid_body")
+        raise ApiError(400, "request body must be a JSON object", "invalid_body", {"field": "body"})
     for key, value in body.items():
         expected = fields.get(key)
         if expected is None:
@@ -232,8 +287,12 @@ def paginate(
     sort_fields: tuple[str, ...],
     default_sort: str,
     default_order: str = "asc",
+    sort_keys: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None,
 ) -> dict[str, Any]:
-    """Sort and slice `items` by the `page`, `page_size`, `sort_by`, `order` parameters."""
+    """Sort and slice `items` by the `page`, `page_size`, `sort_by`, `order` parameters.
+
+    `sort_keys` gives a field its own ordering (e.g. log levels by severity).
+    """
     page = int_param(request, "page", 1)
     page_size = int_param(request, "page_size", 20, maximum=100)
     sort_by = request.query_params.get("sort_by", default_sort)
@@ -242,12 +301,17 @@ def paginate(
             400,
             f"sort_by must be one of {', '.join(sort_fields)}",
             "invalid_field",
-            {"field": "sort_by"},
+            {"field": "sort_by", "allowed": list(sort_fields)},
         )
     order = request.query_params.get("order", default_order)
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be 'asc' or 'desc'", "invalid_field", {"field": "order"})
-    ordered = sorted(items, key=lambda item: _sort_key(item.get(sort_by)), reverse=order == "desc")
+    custom = (sort_keys or {}).get(sort_by)
+    ordered = sorted(
+        items,
+        key=custom if custom is not None else lambda item: _sort_key(item.get(sort_by)),
+        reverse=order == "desc",
+    )
     start = (page - 1) * page_size
     return {
         "items": ordered[start : start + page_size],
@@ -266,10 +330,67 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def mask_secret(value: str) -> str:
-    """How a secret is shown: its first three and last four characters at most."""
-    if len(value) <= 8:
+    """How a secret is shown: its first three and last four characters, and only if it is
+    long enough (16+) for that to give little away; a shorter one is just "…"."""
+    if len(value) < 16:
         return "…"
     return f"{value[:3]}…{value[-4:]}"
+
+
+def _is_secret(prop: Any) -> bool:
+    return isinstance(prop, Mapping) and bool(
+        prop.get("writeOnly") or prop.get("format") == "password" or prop.get("x-secret")
+    )
+
+
+def _items_schema(schema: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    items = schema.get("items") if isinstance(schema, Mapping) else None
+    return items if isinstance(items, Mapping) else None
+
+
+def mask_config(config: Any, schema: Mapping[str, Any] | None) -> Any:
+    """`config` with every string the schema marks secret masked, nested objects and
+    arrays of objects included."""
+    if isinstance(config, list):
+        return [mask_config(item, _items_schema(schema)) for item in config]
+    if not isinstance(config, Mapping) or not isinstance(schema, Mapping):
+        return config
+    props = schema.get("properties")
+    props = props if isinstance(props, Mapping) else {}
+    out = {}
+    for key, value in config.items():
+        prop = props.get(key)
+        if _is_secret(prop) and isinstance(value, str) and value:
+            out[key] = mask_secret(value)
+        else:
+            out[key] = mask_config(value, prop if isinstance(prop, Mapping) else None)
+    return out
+
+
+def unmask_config(new: Any, stored: Any, schema: Mapping[str, Any] | None) -> Any:
+    """`new` where each secret written back in its masked form keeps the stored secret
+    (in arrays, an item's stored counterpart is the one at the same index)."""
+    if isinstance(new, list):
+        olds = stored if isinstance(stored, list) else []
+        items = _items_schema(schema)
+        return [
+            unmask_config(item, olds[i] if i < len(olds) else None, items)
+            for i, item in enumerate(new)
+        ]
+    if not isinstance(new, Mapping) or not isinstance(schema, Mapping):
+        return new
+    old = stored if isinstance(stored, Mapping) else {}
+    props = schema.get("properties")
+    props = props if isinstance(props, Mapping) else {}
+    out = {}
+    for key, value in new.items():
+        prop = props.get(key)
+        previous = old.get(key)
+        if _is_secret(prop) and isinstance(previous, str) and value == mask_secret(previous):
+            out[key] = previous
+        else:
+            out[key] = unmask_config(value, previous, prop if isinstance(prop, Mapping) else None)
+    return out
 
 
 def secret_fields(schema: Mapping[str, Any] | None) -> set[str]:

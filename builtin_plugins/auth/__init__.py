@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from builtin_plugins.api.openapi import json_body, operation, returns
 from builtin_plugins.api.web import ApiError, read_json, success
 from builtin_plugins.auth.service import AuthService, load_secret
 from kernel import MiddlewareSpec, PluginContext, RouteSpec, hookimpl
@@ -176,6 +177,29 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             public=True,
             name="login",
             summary="Log in and get a bearer token",
+            openapi=operation(
+                json_body(
+                    {"username": {"type": "string"}, "password": {"type": "string"}},
+                    ("username", "password"),
+                ),
+                returns(
+                    {
+                        "type": "object",
+                        "required": [
+                            "access_token",
+                            "token_type",
+                            "expires_in",
+                            "must_change_password",
+                        ],
+                        "properties": {
+                            "access_token": {"type": "string"},
+                            "token_type": {"const": "bearer"},
+                            "expires_in": {"type": "integer"},
+                            "must_change_password": {"type": "boolean"},
+                        },
+                    }
+                ),
+            ),
         ),
         RouteSpec(
             "/api/logout",
@@ -183,9 +207,26 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="logout",
             summary="Revoke the current token",
+            openapi=returns(
+                {"type": "object", "properties": {"revoked": {"const": True}}},
+            ),
         ),
         RouteSpec(
-            "/api/account", account, methods=("GET",), name="account", summary="The current account"
+            "/api/account",
+            account,
+            methods=("GET",),
+            name="account",
+            summary="The current account",
+            openapi=returns(
+                {
+                    "type": "object",
+                    "required": ["username", "must_change_password"],
+                    "properties": {
+                        "username": {"type": "string"},
+                        "must_change_password": {"type": "boolean"},
+                    },
+                }
+            ),
         ),
         RouteSpec(
             "/api/account/password",
@@ -193,5 +234,15 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("PUT",),
             name="change_password",
             summary="Change the current account's password",
+            openapi=operation(
+                json_body(
+                    {
+                        "old_password": {"type": "string"},
+                        "new_password": {"type": "string", "minLength": 8},
+                    },
+                    ("old_password", "new_password"),
+                ),
+                returns({"type": "object", "properties": {"changed": {"const": True}}}),
+            ),
         ),
     ]

@@ -21,6 +21,9 @@ from kernel.storage import PluginStore
 
 DEFAULT_USER = "nekobot"
 DEFAULT_PASSWORD = "nekobot"
+_CHECKED_TOKENS = 1024
+#: Stored instead of a hash while the default account has the documented default password.
+DEFAULT_MARK = "default$"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
@@ -106,6 +109,11 @@ class AuthService:
         self._settings = settings
         self._limiter = LoginLimiter(5, 300)
         self.revoked: dict[str, float] = {}
+        #: Tokens whose signature was verified, oldest first (bounded).
+        self._checked: dict[str, dict[str, Any]] = {}
+        #: username -> epoch second before which its tokens are void (its password changed).
+        self.not_before: dict[str, int] = {}
+        self._dummy_hash: str | None = None
 
     @property
     def limiter(self) -> LoginLimiter:
@@ -125,18 +133,30 @@ class AuthService:
         await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (time.time(),))
         rows = await self.store.fetchall("SELECT jti, exp FROM {t:revoked}")
         self.revoked = {jti: exp for jti, exp in rows}
+        for key in await self.store.kv_keys():
+            value = await self.store.kv_get(key) if key.startswith("account:") else None
+            if isinstance(value, dict) and isinstance(value.get("tokens_after"), int):
+                self.not_before[key.removeprefix("account:")] = value["tokens_after"]
         if (
             await self.store.kv_get(f"account:{DEFAULT_USER}") is None
             and not await self.store.kv_keys()
         ):
-            await self.set_password(DEFAULT_USER, DEFAULT_PASSWORD, must_change=True)
+            # No scrypt on the start-up path: the documented default is marked, not hashed.
+            await self.store.kv_set(
+                f"account:{DEFAULT_USER}",
+                {"password_hash": DEFAULT_MARK, "must_change_password": True},
+            )
 
     async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
-        """Store a new password hash for `username`."""
+        """Store a new password hash for `username`; the tokens issued before are void
+        (a leaked token must not outlive the password change meant to stop it)."""
         hashed = await anyio.to_thread.run_sync(hash_password, password)
+        now = int(time.time())
         await self.store.kv_set(
-            f"account:{username}", {"password_hash": hashed, "must_change_password": must_change}
+            f"account:{username}",
+            {"password_hash": hashed, "must_change_password": must_change, "tokens_after": now},
         )
+        self.not_before[username] = now
 
     async def account(self, username: str) -> dict[str, Any] | None:
         """The stored account, or None."""
@@ -146,8 +166,20 @@ class AuthService:
     async def check_password(self, username: str, password: str) -> dict[str, Any] | None:
         """The account if the password is right (constant work for unknown users)."""
         account = await self.account(username)
-        stored = account["password_hash"] if account else hash_password("x")
-        ok = await anyio.to_thread.run_sync(verify_password, password, stored)
+        stored = account["password_hash"] if account else None
+        if stored is None or stored == DEFAULT_MARK:
+            # Verify against a dummy hash (made once, off the event loop): an unknown
+            # username, or the default password, costs the same one scrypt as a real one.
+            if self._dummy_hash is None:
+                self._dummy_hash = await anyio.to_thread.run_sync(
+                    hash_password, secrets.token_urlsafe(16)
+                )
+            await anyio.to_thread.run_sync(verify_password, password, self._dummy_hash)
+            ok = stored == DEFAULT_MARK and hmac.compare_digest(
+                password.encode(), DEFAULT_PASSWORD.encode()
+            )
+        else:
+            ok = await anyio.to_thread.run_sync(verify_password, password, stored)
         return account if ok and account else None
 
     async def default_password_in_use(self) -> bool:
@@ -164,16 +196,33 @@ class AuthService:
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The token's claims if it is valid, unexpired and not revoked."""
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self.secret,
-                algorithms=["HS256"],
-                options={"require": ["exp", "iat", "jti", "sub"]},
-            )
-        except jwt.PyJWTError:
-            return None
+        claims = self._checked.get(token)
+        if claims is not None:
+            # Its signature was checked already (the secret never changes while running);
+            # expiry, revocation and password changes are checked on every use.
+            if float(claims["exp"]) <= time.time():
+                del self._checked[token]
+                return None
+        else:
+            try:
+                claims = jwt.decode(
+                    token,
+                    self.secret,
+                    algorithms=["HS256"],
+                    options={"require": ["exp", "iat", "jti", "sub"]},
+                )
+            except jwt.PyJWTError:
+                return None
+            if len(self._checked) >= _CHECKED_TOKENS:
+                self._checked.pop(next(iter(self._checked)))
+            self._checked[token] = claims
         if claims["jti"] in self.revoked:
+            return None
+        try:
+            issued = float(claims["iat"])
+        except (TypeError, ValueError):
+            return None
+        if issued < self.not_before.get(str(claims["sub"]), 0):
             return None
         return claims
 

@@ -7,6 +7,16 @@ from collections.abc import Iterable
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from builtin_plugins.api.openapi import (
+    json_body,
+    operation,
+    page_of,
+    page_params,
+    param,
+    query,
+    ref,
+    returns,
+)
 from builtin_plugins.api.shapes import command_json, conflict_json
 from builtin_plugins.api.web import PAGE_PARAMS, ApiError, check_query, paginate, read_json, success
 from kernel import KernelEvent, RouteSpec, hookimpl
@@ -42,6 +52,7 @@ async def resolve_conflict(request: Request) -> JSONResponse:
 
     `plugin: null` withdraws the admin's choice (the current holder keeps the name).
     """
+    check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
     body = await read_json(
         request, {"key": str, "plugin": (str, type(None))}, required=("key", "plugin")
@@ -72,6 +83,7 @@ async def resolve_conflict(request: Request) -> JSONResponse:
 
 async def add_alias(request: Request) -> JSONResponse:
     """`POST /api/commands/aliases {"alias","command"}`: a new key for `plugin:name`."""
+    check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
     body = await read_json(request, {"alias": str, "command": str}, required=("alias", "command"))
     from kernel.errors import NekoError
@@ -96,6 +108,7 @@ async def add_alias(request: Request) -> JSONResponse:
 
 async def remove_alias(request: Request) -> JSONResponse:
     """`DELETE /api/commands/aliases {"alias"}`."""
+    check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
     body = await read_json(request, {"alias": str}, required=("alias",))
     from kernel.errors import NekoError
@@ -110,17 +123,32 @@ async def remove_alias(request: Request) -> JSONResponse:
     return success({"removed": body["alias"].strip().casefold()})
 
 
+_STR = {"type": "string"}
+
+
 @hookimpl
 def nekobot_routes() -> Iterable[RouteSpec]:
     return [
         RouteSpec(
-            "/api/commands", list_commands, name="list_commands", summary="Every registered command"
+            "/api/commands",
+            list_commands,
+            name="list_commands",
+            summary="Every registered command",
+            openapi=operation(
+                {"parameters": page_params(("name", "plugin", "qualified_name"), "name")},
+                query(param("plugin", _STR, description="only this plugin's commands")),
+                returns(page_of(ref("Command"))),
+            ),
         ),
         RouteSpec(
             "/api/commands/conflicts",
             list_conflicts,
             name="list_command_conflicts",
             summary="Command names claimed by more than one plugin",
+            openapi=operation(
+                {"parameters": page_params(("key", "holder"), "key")},
+                returns(page_of(ref("Conflict"))),
+            ),
         ),
         RouteSpec(
             "/api/commands/conflicts/resolve",
@@ -128,6 +156,20 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="resolve_command_conflict",
             summary="Choose which plugin holds a name",
+            openapi=operation(
+                json_body({"key": _STR, "plugin": {"type": ["string", "null"]}}, ("key", "plugin")),
+                returns(
+                    {
+                        "type": "object",
+                        "required": ["key", "holder", "conflict"],
+                        "properties": {
+                            "key": _STR,
+                            "holder": {"type": ["string", "null"]},
+                            "conflict": {"oneOf": [ref("Conflict"), {"type": "null"}]},
+                        },
+                    }
+                ),
+            ),
         ),
         RouteSpec(
             "/api/commands/aliases",
@@ -135,6 +177,26 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="add_command_alias",
             summary="Give a command an extra name",
+            openapi=operation(
+                json_body(
+                    {
+                        "alias": _STR,
+                        "command": {**_STR, "description": "qualified name, plugin:command"},
+                    },
+                    ("alias", "command"),
+                ),
+                returns(
+                    {
+                        "type": "object",
+                        "required": ["alias", "command", "holder"],
+                        "properties": {
+                            "alias": _STR,
+                            "command": _STR,
+                            "holder": {"type": ["string", "null"]},
+                        },
+                    }
+                ),
+            ),
         ),
         RouteSpec(
             "/api/commands/aliases",
@@ -142,5 +204,9 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("DELETE",),
             name="remove_command_alias",
             summary="Remove an admin-added alias",
+            openapi=operation(
+                json_body({"alias": _STR}, ("alias",)),
+                returns({"type": "object", "properties": {"removed": _STR}}),
+            ),
         ),
     ]

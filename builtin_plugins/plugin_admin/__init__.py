@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from builtin_plugins.api.openapi import (
+    json_body,
+    operation,
+    page_of,
+    page_params,
+    param,
+    query,
+    ref,
+    returns,
+)
 from builtin_plugins.api.shapes import plugin_json, result_json
 from builtin_plugins.api.web import (
     PAGE_PARAMS,
     ApiError,
     check_query,
-    masked,
+    mask_config,
     paginate,
     read_json,
-    secret_fields,
     success,
-    unmasked,
+    unmask_config,
 )
-from builtin_plugins.plugin_admin.upload import upload_plugin
-from kernel import RouteSpec, hookimpl
+from builtin_plugins.plugin_admin.upload import UPLOAD_OPENAPI, upload_plugin
+from kernel import PluginContext, RouteSpec, hookimpl
+
+OWN_NAME = "plugin_admin"
+log = logging.getLogger("nekobot.plugins.plugin_admin")
 
 
 async def list_plugins(request: Request) -> JSONResponse:
@@ -29,21 +42,27 @@ async def list_plugins(request: Request) -> JSONResponse:
     check_query(request, (*PAGE_PARAMS, "state", "source"))
     kernel = request.scope["nekobot.kernel"]
     items = [plugin_json(i) for i in kernel.plugins.infos()]
-    for field in ("state", "source"):
+    for field, allowed in (("state", _STATES), ("source", _SOURCES)):
         wanted = request.query_params.get(field)
         if wanted is not None:
+            if wanted not in allowed:
+                raise ApiError(
+                    400,
+                    f"{field} must be one of {', '.join(allowed)}",
+                    "invalid_field",
+                    {"field": field},
+                )
             items = [i for i in items if i[field] == wanted]
-    return success(
-        paginate(
-            request,
-            items,
-            sort_fields=("name", "state", "source", "version", "loaded_at", "reload_count"),
-            default_sort="name",
-        )
-    )
+    return success(paginate(request, items, sort_fields=_SORT_FIELDS, default_sort="name"))
+
+
+_SORT_FIELDS = ("name", "state", "source", "version", "loaded_at", "reload_count")
+_STATES = ("active", "disabled", "failed", "pending", "loading", "unloading", "disposed")
+_SOURCES = ("builtin", "entrypoint", "user")
 
 
 async def _name(request: Request) -> str:
+    check_query(request, ())
     body = await read_json(request, {"name": str}, required=("name",))
     name: str = body["name"]
     return name
@@ -62,9 +81,36 @@ async def disable(request: Request) -> JSONResponse:
 
 
 async def reload(request: Request) -> JSONResponse:
-    """`POST /api/plugins/reload {"name"}` (422 if it fails; the old generation serves)."""
+    """`POST /api/plugins/reload {"name"}` (422 if it fails; the old generation serves).
+
+    Reloading `plugin_admin` itself is answered 202 and done once this request has left:
+    the reload waits for the requests inside the old generation, this one included.
+    """
     kernel = request.scope["nekobot.kernel"]
-    return success(result_json(await kernel.plugins.reload(await _name(request))))
+    name = await _name(request)
+    if name == OWN_NAME:
+        kernel.task_group.start_soon(_reload_later, kernel, name)
+        return success(
+            {"plugin": plugin_json(kernel.plugins.info(name)), "scheduled": True}, status=202
+        )
+    return success(result_json(await kernel.plugins.reload(name)))
+
+
+async def _reload_later(kernel: Any, name: str) -> None:
+    try:
+        await kernel.plugins.reload(name)
+    except Exception as exc:  # reported by the plugin.failed event and the log
+        log.error("reload of %r failed: %s", name, exc)
+
+
+async def rescan(request: Request) -> JSONResponse:
+    """`POST /api/plugins/rescan`: pick up plugin folders copied into a plugin directory
+    by hand (hot reload does this by itself when it is on); returns the new names."""
+    check_query(request, ())
+    await read_json(request, {})
+    kernel = request.scope["nekobot.kernel"]
+    added = await kernel.plugins.rescan()
+    return success({"added": sorted(added)})
 
 
 def _flag(raw: Any, field: str) -> bool:
@@ -99,9 +145,7 @@ async def get_config(request: Request) -> JSONResponse:
     kernel = request.scope["nekobot.kernel"]
     schema = kernel.plugins.config_schema(name)
     config = await kernel.plugins.get_config(name)
-    return success(
-        {"name": name, "config": masked(config, secret_fields(schema)), "schema": schema}
-    )
+    return success({"name": name, "config": mask_config(config, schema), "schema": schema})
 
 
 async def put_config(request: Request) -> JSONResponse:
@@ -111,23 +155,58 @@ async def put_config(request: Request) -> JSONResponse:
     body = await read_json(request, {"name": str, "config": dict}, required=("name", "config"))
     name = body["name"]
     schema = kernel.plugins.config_schema(name)
-    secrets_ = secret_fields(schema)
-    stored = await kernel.storage.state_get("plugin_config", name, {})
-    config = unmasked(body["config"], stored, secrets_)
+    # What GET showed (masked) is the effective configuration, defaults included.
+    current = await kernel.plugins.get_config(name)
+    config = unmask_config(body["config"], current, schema)
     full = await kernel.plugins.set_config(name, config)
-    return success({"name": name, "config": masked(full, secrets_), "schema": schema})
+    return success({"name": name, "config": mask_config(full, schema), "schema": schema})
+
+
+_NAME = {"type": "string", "description": "plugin name"}
+_BY_NAME = operation(json_body({"name": _NAME}, ("name",)), returns(ref("OperationResult")))
+_CONFIG = returns(
+    {
+        "type": "object",
+        "required": ["name", "config", "schema"],
+        "properties": {
+            "name": {"type": "string"},
+            "config": {"type": "object"},
+            "schema": {"type": ["object", "null"]},
+        },
+    }
+)
+
+
+@hookimpl
+async def nekobot_config_changed(ctx: PluginContext, config: Mapping[str, Any]) -> None:
+    """Nothing to configure; having this hook applies a change without a reload (which
+    would wait for the very request that asked for it)."""
 
 
 @hookimpl
 def nekobot_routes() -> Iterable[RouteSpec]:
     return [
-        RouteSpec("/api/plugins", list_plugins, name="list_plugins", summary="Every plugin"),
+        RouteSpec(
+            "/api/plugins",
+            list_plugins,
+            name="list_plugins",
+            summary="Every plugin",
+            openapi=operation(
+                {"parameters": page_params(_SORT_FIELDS, "name")},
+                query(
+                    param("state", {"enum": list(_STATES)}),
+                    param("source", {"enum": list(_SOURCES)}),
+                ),
+                returns(page_of(ref("Plugin"))),
+            ),
+        ),
         RouteSpec(
             "/api/plugins/enable",
             enable,
             methods=("POST",),
             name="enable_plugin",
             summary="Enable a plugin",
+            openapi=_BY_NAME,
         ),
         RouteSpec(
             "/api/plugins/disable",
@@ -135,6 +214,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="disable_plugin",
             summary="Disable a plugin",
+            openapi=_BY_NAME,
         ),
         RouteSpec(
             "/api/plugins/reload",
@@ -142,6 +222,35 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="reload_plugin",
             summary="Reload a plugin transactionally",
+            openapi=operation(
+                _BY_NAME,
+                # Reloading plugin_admin itself is scheduled: 202 once this request left.
+                returns(
+                    {
+                        "type": "object",
+                        "required": ["plugin", "scheduled"],
+                        "properties": {"plugin": ref("Plugin"), "scheduled": {"const": True}},
+                    },
+                    status="202",
+                ),
+            ),
+        ),
+        RouteSpec(
+            "/api/plugins/rescan",
+            rescan,
+            methods=("POST",),
+            name="rescan_plugins",
+            summary="Pick up plugins copied into a plugin directory",
+            openapi=operation(
+                json_body({}, optional=True),
+                returns(
+                    {
+                        "type": "object",
+                        "required": ["added"],
+                        "properties": {"added": {"type": "array", "items": {"type": "string"}}},
+                    }
+                ),
+            ),
         ),
         RouteSpec(
             "/api/plugins/upload",
@@ -149,6 +258,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="upload_plugin",
             summary="Upload a plugin as a zip",
+            openapi=UPLOAD_OPENAPI,
         ),
         RouteSpec(
             "/api/plugins/delete",
@@ -156,6 +266,23 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("DELETE",),
             name="delete_plugin",
             summary="Delete a user plugin",
+            openapi=operation(
+                query(
+                    param("name", _NAME),
+                    param("keep_data", {"type": "boolean", "default": False}),
+                ),
+                json_body({"name": _NAME, "keep_data": {"type": "boolean"}}, optional=True),
+                returns(
+                    {
+                        "allOf": [ref("OperationResult")],
+                        "required": ["deleted", "data_kept"],
+                        "properties": {
+                            "deleted": {"const": True},
+                            "data_kept": {"type": "boolean"},
+                        },
+                    }
+                ),
+            ),
         ),
         RouteSpec(
             "/api/plugins/config",
@@ -163,6 +290,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("GET",),
             name="get_plugin_config",
             summary="A plugin's configuration and schema",
+            openapi=operation(query(param("name", _NAME, required=True)), _CONFIG),
         ),
         RouteSpec(
             "/api/plugins/config",
@@ -170,5 +298,9 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("PUT",),
             name="put_plugin_config",
             summary="Change a plugin's configuration",
+            openapi=operation(
+                json_body({"name": _NAME, "config": {"type": "object"}}, ("name", "config")),
+                _CONFIG,
+            ),
         ),
     ]

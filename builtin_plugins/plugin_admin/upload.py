@@ -9,10 +9,55 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message
 
+from builtin_plugins.api.openapi import operation, ref, returns
 from builtin_plugins.api.shapes import conflict_json, plugin_json
 from builtin_plugins.api.web import ApiError, success
 
 _FIELDS = ("file", "enable", "overwrite", "dry_run")
+_FLAG = {"type": "boolean", "default": False}
+
+UPLOAD_OPENAPI = operation(
+    {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "a zip of one plugin package",
+                            },
+                            "enable": _FLAG,
+                            "overwrite": _FLAG,
+                            "dry_run": _FLAG,
+                        },
+                    }
+                }
+            },
+        }
+    },
+    returns(
+        {
+            "type": "object",
+            "required": ["name", "manifest", "dry_run", "installed", "enabled", "conflicts"],
+            "properties": {
+                "name": {"type": "string"},
+                "manifest": {"type": "object"},
+                "dry_run": {"type": "boolean"},
+                "installed": {"type": "boolean"},
+                "enabled": {"type": "boolean"},
+                "replaced": {"type": "boolean"},
+                "conflicts": {"type": "array", "items": ref("Conflict")},
+                "plugin": {"oneOf": [ref("Plugin"), {"type": "null"}]},
+            },
+        }
+    ),
+)
 _OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 
 
@@ -81,7 +126,7 @@ async def upload_plugin(request: Request) -> JSONResponse:
         raise ApiError(
             400, f"malformed multipart body: {exc}", "invalid_body", {"field": "file"}
         ) from None
-    async with form:
+    try:
         for key in form:
             if key not in _FIELDS:
                 raise ApiError(400, f"unknown field {key!r}", "unknown_field", {"field": key})
@@ -92,6 +137,9 @@ async def upload_plugin(request: Request) -> JSONResponse:
             )
         data = await upload.read()
         flags = {f: _flag(form, f) for f in ("enable", "overwrite", "dry_run")}
+    finally:
+        # FormData is no context manager: close its spooled files ourselves.
+        await form.close()
     if len(data) > limit:
         raise ApiError(413, f"upload larger than {limit} bytes", "too_large")
     result = await install_archive(

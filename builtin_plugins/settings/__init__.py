@@ -8,21 +8,22 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from builtin_plugins.api.web import ApiError, check_query, success
+from builtin_plugins.api.openapi import operation, returns
+from builtin_plugins.api.web import ApiError, check_query, loads, success
 from kernel import RouteSpec, hookimpl
 from kernel.settings import BOT_CONFIG_SCHEMA, RESTART_REQUIRED, SETTINGS_SCHEMA, to_json
 
 
 async def _object_body(request: Request) -> dict[str, Any]:
-    import json
-
     raw = await request.body()
     try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON", "invalid_json") from None
+        body = loads(raw) if raw else None
+    except ValueError:
+        raise ApiError(
+            400, "request body is not valid JSON", "invalid_json", {"field": "body"}
+        ) from None
     if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", "invalid_body")
+        raise ApiError(400, "request body must be a JSON object", "invalid_body", {"field": "body"})
     return body
 
 
@@ -57,13 +58,28 @@ async def put_settings(request: Request) -> JSONResponse:
     return success(data)
 
 
-def _object(schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {k: v for k, v in schema.items()}}},
+def _full(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The whole object of `schema` (plus `extra` properties) as the response."""
+    return returns(
+        {
+            **schema,
+            "properties": {**schema["properties"], **extra},
+            "required": sorted(schema["properties"]),
         }
-    }
+    )
+
+
+def _object(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A partial object of `schema` in, the full object out."""
+    return operation(
+        {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": dict(schema)}},
+            }
+        },
+        _full(schema, **extra),
+    )
 
 
 @hookimpl
@@ -75,6 +91,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("GET",),
             name="get_bot_config",
             summary="Get the bot configuration",
+            openapi=_full(BOT_CONFIG_SCHEMA),
         ),
         RouteSpec(
             "/api/bot/config",
@@ -82,7 +99,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("PUT",),
             name="put_bot_config",
             summary="Update the bot configuration (partial)",
-            openapi=_object({**BOT_CONFIG_SCHEMA}),
+            openapi=_object(BOT_CONFIG_SCHEMA),
         ),
         RouteSpec(
             "/api/settings",
@@ -90,6 +107,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("GET",),
             name="get_settings",
             summary="Get the server settings",
+            openapi=_full(SETTINGS_SCHEMA),
         ),
         RouteSpec(
             "/api/settings",
@@ -97,6 +115,8 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("PUT",),
             name="put_settings",
             summary="Update the server settings (partial)",
-            openapi=_object({**SETTINGS_SCHEMA}),
+            openapi=_object(
+                SETTINGS_SCHEMA, restart_required={"type": "array", "items": {"type": "string"}}
+            ),
         ),
     ]

@@ -1,0 +1,373 @@
+"""The `/ws` hub over a real server: actions and their errors, the `logs` and `events`
+channels, plugin channels that come and go, and slow subscribers that never stall
+anyone else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import websockets
+
+from builtin_plugins.api import hub as hub_module
+from builtin_plugins.api.hub import QUEUE_SIZE, Hub
+from kernel.testing import MockBot
+from tests.builtin_plugins.conftest import ApiServer
+from tests.plugin_factory import purge_modules, write_plugin
+
+pytestmark = pytest.mark.anyio
+log = logging.getLogger("nekobot.tests.ws")
+
+FEED_PLUGIN = """
+from kernel import ChannelSpec, CommandSpec, hookimpl
+
+STATE = {}
+
+async def greet():
+    return {"hello": "new subscriber"}
+
+async def on_message(data):
+    return {"echo": data}
+
+async def tick(cmd):
+    STATE["ctx"].publish("zws_feed.ticks", {"n": cmd.args})
+    return "ticked"
+
+@hookimpl
+def nekobot_ws_channels():
+    return [ChannelSpec("zws_feed.ticks", "ticks", on_subscribe=greet, on_message=on_message)]
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("zws_tick", tick)]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    STATE["ctx"] = ctx
+"""
+
+
+def ws_url(api: ApiServer) -> str:
+    return api.base_url.replace("http://", "ws://") + "/ws"
+
+
+@asynccontextmanager
+async def connect(api: ApiServer, **kwargs: Any) -> AsyncIterator[websockets.ClientConnection]:
+    async with websockets.connect(ws_url(api), additional_headers=api.headers, **kwargs) as ws:
+        yield ws
+
+
+async def send(ws: websockets.ClientConnection, frame: Any) -> None:
+    await ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+
+async def recv_until(
+    ws: websockets.ClientConnection, pred: Callable[[dict[str, Any]], bool], timeout: float = 5
+) -> dict[str, Any]:
+    """The first message matching `pred` (others, e.g. log records, are skipped)."""
+    with anyio.fail_after(timeout):
+        while True:
+            message: dict[str, Any] = json.loads(await ws.recv())
+            if pred(message):
+                return message
+
+
+def of_type(kind: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("type") == kind
+
+
+async def subscribe(ws: websockets.ClientConnection, *channels: str) -> dict[str, Any]:
+    await send(ws, {"action": "subscribe", "channels": list(channels)})
+    return await recv_until(ws, lambda m: m["type"] in ("subscribed", "error"))
+
+
+async def test_actions_and_their_errors(api: ApiServer) -> None:
+    async with connect(api) as ws:
+        await send(ws, {"action": "ping"})
+        assert await recv_until(ws, lambda m: True) == {"type": "pong"}
+        for frame, fragment in (
+            ("{not json", "JSON"),
+            ("[1, 2]", "object"),
+            ({"action": "dance"}, "dance"),
+            ({"no_action": 1}, "action"),
+            ({"action": "subscribe", "channels": "logs"}, "channels"),
+            ({"action": "subscribe", "channels": [1]}, "channels"),
+            ({"action": "subscribe"}, "channels"),
+            ({"action": "subscribe", "channels": ["no.such.channel"]}, "no.such.channel"),
+            ({"action": "message", "channel": "logs", "data": 1}, "logs"),
+        ):
+            await send(ws, frame)
+            message = await recv_until(ws, lambda m: True)
+            assert message["type"] == "error", (frame, message)
+            assert fragment in message["message"], (frame, message)
+        # A bad frame does not end the connection, nor change subscriptions.
+        assert await subscribe(ws, "events") == {"type": "subscribed", "channels": ["events"]}
+        assert await subscribe(ws, "logs") == {
+            "type": "subscribed",
+            "channels": ["events", "logs"],
+        }
+        # Unknown channels in a list: nothing of it is subscribed.
+        reply = await subscribe(ws, "logs", "nope")
+        assert reply["type"] == "error" and "nope" in reply["message"]
+        await send(ws, {"action": "unsubscribe", "channels": ["logs"]})
+        assert await recv_until(ws, of_type("unsubscribed")) == {
+            "type": "unsubscribed",
+            "channels": ["logs"],
+        }
+        await send(ws, {"action": "ping"})
+        await recv_until(ws, of_type("pong"))
+        # Nothing from `logs` arrives any more; `events` still does.
+        log.warning("zws: after unsubscribe")
+        async with api.authed() as c:
+            await c.post("/api/plugins/disable", json={"name": "help"})
+        event = await recv_until(ws, lambda m: m["type"] == "message")
+        assert event["channel"] == "events"
+
+
+async def test_events_channel_reports_plugin_changes(api: ApiServer) -> None:
+    async with connect(api) as ws:
+        await subscribe(ws, "events")
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/disable", json={"name": "help"})).is_success
+            assert (await c.post("/api/plugins/enable", json={"name": "help"})).is_success
+            assert (await c.post("/api/plugins/reload", json={"name": "help"})).is_success
+        seen = []
+        while len(seen) < 3:
+            m = await recv_until(ws, lambda m: m.get("channel") == "events")
+            if m["data"]["plugin"] == "help":
+                seen.append(m["data"]["type"])
+        assert seen == ["plugin.disabled", "plugin.enabled", "plugin.reloaded"]
+        assert set(m["data"]) >= {"type", "plugin", "time", "data"}
+
+
+async def test_logs_channel_streams_records(api: ApiServer) -> None:
+    async with connect(api) as ws:
+        await subscribe(ws, "logs")
+        log.warning("zws: a record for the logs channel")
+        m = await recv_until(
+            ws, lambda m: m.get("channel") == "logs" and "zws: a record" in m["data"]["message"]
+        )
+        record = m["data"]
+        assert record["level"] == "WARNING" and record["logger"] == "nekobot.tests.ws"
+        assert set(record) >= {"seq", "time", "level", "logger", "plugin", "message"}
+        # The same record is in /api/logs.
+        async with api.authed() as c:
+            r = await c.get("/api/logs", params={"q": "a record for the logs channel"})
+            assert [i["seq"] for i in r.json()["data"]["items"]] == [record["seq"]]
+
+
+async def test_plugin_channel_and_its_disappearance(api: ApiServer) -> None:
+    purge_modules("zws_feed")
+    write_plugin(api.plugin_dir, "zws_feed", FEED_PLUGIN)
+    bot = MockBot(api.kernel)
+    async with api.authed() as c:
+        assert (await c.post("/api/plugins/rescan")).is_success
+        assert (await c.post("/api/plugins/enable", json={"name": "zws_feed"})).is_success
+    async with connect(api) as ws, connect(api) as bystander:
+        await subscribe(bystander, "events")
+        reply = await subscribe(ws, "zws_feed.ticks")
+        assert reply == {"type": "subscribed", "channels": ["zws_feed.ticks"]}
+        greeting = await recv_until(ws, of_type("message"))
+        assert greeting == {
+            "type": "message",
+            "channel": "zws_feed.ticks",
+            "data": {"hello": "new subscriber"},
+        }
+        assert await bot.receive("/zws_tick 7") == ["ticked"]
+        m = await recv_until(ws, of_type("message"))
+        assert m == {"type": "message", "channel": "zws_feed.ticks", "data": {"n": "7"}}
+        # Messages to the channel reach the plugin.
+        await send(ws, {"action": "message", "channel": "zws_feed.ticks", "data": [1]})
+        assert (await recv_until(ws, of_type("message")))["data"] == {"echo": [1]}
+
+        # A reload keeps the channel and its subscribers; the new generation publishes.
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/reload", json={"name": "zws_feed"})).is_success
+        assert await bot.receive("/zws_tick 9") == ["ticked"]
+        m = await recv_until(ws, lambda m: m["type"] != "message" or m["data"] == {"n": "9"})
+        assert m == {"type": "message", "channel": "zws_feed.ticks", "data": {"n": "9"}}
+
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/disable", json={"name": "zws_feed"})).is_success
+        gone = await recv_until(ws, of_type("unsubscribed"))
+        assert gone["channels"] == ["zws_feed.ticks"] and gone["reason"]
+        reply = await subscribe(ws, "zws_feed.ticks")
+        assert reply["type"] == "error"
+        # Subscribers of other channels are not told anything about it.
+        await send(bystander, {"action": "ping"})
+        m = await recv_until(bystander, lambda m: m["type"] != "message")
+        assert m == {"type": "pong"}
+
+        # Back again: subscribable again, and publishing works.
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/enable", json={"name": "zws_feed"})).is_success
+        assert (await subscribe(ws, "zws_feed.ticks"))["type"] == "subscribed"
+        await bot.receive("/zws_tick 8")
+        m = await recv_until(ws, lambda m: m.get("data") == {"n": "8"})
+        assert m["channel"] == "zws_feed.ticks"
+
+
+async def test_a_stalled_subscriber_stalls_nobody(api: ApiServer) -> None:
+    """A subscriber that reads nothing neither delays log delivery to a reading one nor
+    message handling, and its queue is bounded."""
+    hub = api.kernel.services.get("ws.hub")
+    assert isinstance(hub, Hub)
+    bot = MockBot(api.kernel)
+    padding = "x" * 4000  # ~20 MB in all: more than the socket buffers hold
+    # The stalled client reads nothing after subscribing: its library stops reading from
+    # the socket once a frame is queued, its socket buffer is small, and it does not
+    # compress (which would shrink the padding to nothing).
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(api.base_url.rsplit(":", 1)[1])))
+    stalled_client = connect(api, max_queue=1, close_timeout=0.2, sock=sock, compression=None)
+    async with stalled_client as stalled:
+        await subscribe(stalled, "logs")
+        (stalled_sub,) = hub.subscribers
+        async with connect(api, max_size=None) as reader:
+            await subscribe(reader, "logs")
+            assert len(hub.subscribers) == 2
+            received: list[dict[str, Any]] = []
+            got_marker = anyio.Event()
+
+            async def read() -> None:
+                async for raw in reader:
+                    message = json.loads(raw)
+                    received.append(message)
+                    if "zws-final-marker" in message.get("data", {}).get("message", ""):
+                        got_marker.set()
+                        return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                for batch in range(200):
+                    for i in range(25):
+                        log.info("zws burst %d %s", batch * 25 + i, padding)
+                        # Bounded all the while.
+                        assert stalled_sub.send.statistics().current_buffer_used <= QUEUE_SIZE
+                    await anyio.sleep(0.001)
+                    if batch % 50 == 0:
+                        # Messages are handled all the while.
+                        with anyio.fail_after(5):
+                            assert await bot.receive("/help help")
+                # The reader gets the newest records promptly (a marker, repeated until
+                # seen: a reader that fell behind skips what does not fit its queue).
+                with anyio.fail_after(10):
+                    while not got_marker.is_set():
+                        log.info("zws-final-marker")
+                        with anyio.move_on_after(0.05):
+                            await got_marker.wait()
+                with anyio.fail_after(5):
+                    assert await bot.receive("/help help")
+
+            bursts = [m for m in received if "zws burst" in m.get("data", {}).get("message", "")]
+            assert len(bursts) > 100
+            # The stalled one really was stalled (else this test proves nothing): it
+            # skipped what did not fit its bounded queue.
+            assert stalled_sub.skipped_total > 0
+            assert stalled_sub.send.statistics().current_buffer_used <= QUEUE_SIZE
+            reading_sub = next(s for s in hub.subscribers if s is not stalled_sub)
+            assert not reading_sub.dropped
+            # The reader is still served.
+            await send(reader, {"action": "ping"})
+            await recv_until(reader, of_type("pong"))
+
+
+async def test_a_subscriber_too_far_behind_is_dropped(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "MAX_SKIPPED", 50)
+    hub = api.kernel.services.get("ws.hub")
+    assert isinstance(hub, Hub)
+    async with connect(api) as ws:
+        await subscribe(ws, "logs")
+        (sub,) = hub.subscribers
+        # In one go, without a chance to send anything: the queue fills (one more message
+        # may be in the writer's hands), then 50 skips.
+        for i in range(QUEUE_SIZE + 60):
+            log.info("zws flood %d", i)
+        assert sub.dropped
+        with anyio.fail_after(5), pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert sub not in hub.subscribers
+
+
+async def test_reloading_the_hub_tells_clients_to_reconnect(api: ApiServer) -> None:
+    async with connect(api) as ws:
+        await subscribe(ws, "events")
+        async with api.authed() as c:
+            r = await c.post("/api/plugins/reload", json={"name": "api"})
+            assert r.status_code == 200, r.text
+        with anyio.fail_after(5), pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    # The new generation's hub serves.
+    async with connect(api) as ws:
+        await subscribe(ws, "events")
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/disable", json={"name": "help"})).is_success
+        m = await recv_until(ws, lambda m: m.get("channel") == "events")
+        assert m["data"]["type"] == "plugin.disabled"
+
+
+DUP_PLUGIN = """
+from kernel import CommandSpec, hookimpl
+
+async def dup(cmd):
+    return "{name}"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("zws_dup", dup)]
+"""
+
+
+async def test_events_channel_reports_failures_config_and_conflicts(api: ApiServer) -> None:
+    for name in ("zws_one", "zws_two"):
+        purge_modules(name)
+        write_plugin(api.plugin_dir, name, DUP_PLUGIN.replace("{name}", name))
+    async with connect(api) as ws, api.authed() as c:
+        await subscribe(ws, "events")
+        await c.post("/api/plugins/rescan")
+
+        def event(kind: str, plugin: str | None = None) -> Callable[[dict[str, Any]], bool]:
+            return lambda m: (
+                m.get("channel") == "events"
+                and m["data"]["type"] == kind
+                and (plugin is None or m["data"]["plugin"] == plugin)
+            )
+
+        assert (await c.post("/api/plugins/enable", json={"name": "zws_one"})).is_success
+        assert (await c.post("/api/plugins/enable", json={"name": "zws_two"})).is_success
+        m = await recv_until(ws, event("command.conflicts", "zws_two"))
+        (conflict,) = m["data"]["data"]["conflicts"]
+        assert conflict["key"] == "zws_dup"
+        assert {c["plugin"] for c in conflict["candidates"]} == {"zws_one", "zws_two"}
+
+        r = await c.post(
+            "/api/commands/conflicts/resolve", json={"key": "zws_dup", "plugin": "zws_two"}
+        )
+        assert r.is_success
+        await recv_until(ws, event("command.conflict_resolved"))
+
+        write_plugin(api.plugin_dir, "zws_one", "this is not python\n")
+        assert (await c.post("/api/plugins/reload", json={"name": "zws_one"})).status_code == 422
+        m = await recv_until(ws, event("plugin.failed", "zws_one"))
+        assert m["data"]["data"]["error"]
+
+        r = await c.put("/api/plugins/config", json={"name": "zws_two", "config": {}})
+        assert r.is_success
+        await recv_until(ws, event("plugin.config_changed", "zws_two"))
+        assert (await c.put("/api/settings", json={"ui": {"x": 1}})).is_success
+        await recv_until(ws, event("settings.changed"))
+        assert (await c.put("/api/bot/config", json={"wake_words": ["z"]})).is_success
+        await recv_until(ws, event("bot_config.changed"))
