@@ -322,7 +322,7 @@ class Subscriber:
         self.subscribed = asyncio.Event()
 
 
-async def subscribe(port: int, token: str, sub: Subscriber) -> None:
+async def subscribe(port: int, token: str, sub: Subscriber, batch: bool = True) -> None:
     """Connect, subscribe to `logs`, count records until the connection closes."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
@@ -334,7 +334,7 @@ async def subscribe(port: int, token: str, sub: Subscriber) -> None:
         max_size=None,
         max_queue=None,
     ) as ws:
-        await ws.send(json.dumps({"action": "subscribe", "channels": ["logs"]}))
+        await ws.send(json.dumps({"action": "subscribe", "channels": ["logs"], "batch": batch}))
         try:
             async for raw in ws:
                 data = raw if isinstance(raw, bytes) else raw.encode()
@@ -420,8 +420,18 @@ async def measure(
     # Cost of one record on the loop thread: with nobody subscribed, then with every
     # subscriber (fewer records than a queue holds, so none is skipped).
     out["cost_alone_us"] = (await post(port, "/bench/cost", {"n": 100}, token))["us_per_record"]
+    # The same log load with nobody subscribed: what producing the records costs the
+    # loop, so that the channel's own effect on latency can be told apart from it.
+    if idle:
+        start = time.perf_counter()
+        await post(port, "/bench/logs", {"rate": opts.rate, "seconds": opts.seconds}, token)
+        await asyncio.sleep(0.25)
+        out["unsubscribed"] = await latencies(
+            port, tcp_port, token, opts, opts.seconds - 0.5, 1_000_000
+        )
+        await asyncio.sleep(max(0.0, opts.seconds + 0.3 - (time.perf_counter() - start)))
     subs = [Subscriber() for _ in range(opts.subscribers)]
-    tasks = [asyncio.create_task(subscribe(port, token, s)) for s in subs]
+    tasks = [asyncio.create_task(subscribe(port, token, s, opts.batch)) for s in subs]
     try:
         await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subs)), 30)
         # The pauses let the writers send those records before the next batch.
@@ -488,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--messages", type=int, default=500, help="messages timed when idle")
     parser.add_argument("--gap-ms", type=float, default=2.0, help="pause between messages")
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
+    parser.add_argument(
+        "--no-batch",
+        dest="batch",
+        action="store_false",
+        help="subscribers ask for one frame per record instead of batch frames",
+    )
     parser.add_argument("--profile", action="store_true", help="profile the loaded server")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -546,9 +562,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "record_cost_subscribed_us": result["cost_subscribed_us"],
         "server_cpu_per_delivery_us": result["server_cpu_s"] / max(1, sum(received)) * 1e6,
         "server_cpu_busy": result["server_cpu_s"] / result["wall_s"],
+        **(
+            {
+                "nosub_e2e_median_ms": result["unsubscribed"]["e2e_median_ms"],
+                "nosub_e2e_p95_ms": result["unsubscribed"]["e2e_p95_ms"],
+                "e2e_median_loaded_vs_nosub": loaded["e2e_median_ms"]
+                / result["unsubscribed"]["e2e_median_ms"],
+            }
+            if "unsubscribed" in result
+            else {}
+        ),
         "client_cpu_busy": result["client_cpu_s"] / result["wall_s"],
     }
     wanted = opts.rate * opts.subscribers
+    channel_ratio = figures.get("e2e_median_loaded_vs_nosub", float("nan"))
+    # Everything emitted reached everyone (the emitter itself may fall a little short).
+    full_rate = 0.99 * min(opts.rate, figures["emitted_records_per_s"])
     handling_ratio = figures["handling_median_loaded_vs_idle"]
     arrival_ratio = figures["arrival_median_loaded_vs_idle"]
     e2e_ratio = figures["e2e_median_loaded_vs_idle"]
@@ -599,15 +628,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"  in-loop loaded   : {lat(loaded, 'arrival')}   loaded/idle {arrival_ratio:.2f}",
         f"  end-to-end idle  : {lat(idle, 'e2e')}",
         f"  end-to-end loaded: {lat(loaded, 'e2e')}   loaded/idle {e2e_ratio:.2f}",
+        *(
+            [
+                f"  end-to-end, same log load, nobody subscribed: "
+                f"{lat(result['unsubscribed'], 'e2e')}",
+                f"  -> what the channel itself adds (loaded / same load unsubscribed):"
+                f" {channel_ratio:.2f}",
+            ]
+            if "unsubscribed" in result
+            else []
+        ),
         "  (handling: dispatch -> reply, via POST /bench/latency; in-loop: from handing the"
         " message to the loop as a new task; end-to-end: sent over TCP by this process ->"
         " reply, i.e. also the wait for the busy loop to notice it)",
         f"targets: {TARGET_RATE:,}/s to each of {TARGET_SUBSCRIBERS} ->"
-        f" {verdict(per_sub[0], TARGET_RATE, lower_is_better=False)}"
+        f" {verdict(per_sub[0], full_rate, lower_is_better=False)}"
         f" (min per subscriber {per_sub[0]:,.0f}/s at {opts.rate:,}/s x {opts.subscribers});"
         f" latency within +10%: handling ->"
         f" {verdict(handling_ratio, TARGET_LATENCY_RATIO, lower_is_better=True)},"
-        f" end-to-end -> {verdict(e2e_ratio, TARGET_LATENCY_RATIO, lower_is_better=True)}",
+        f" end-to-end vs idle -> {verdict(e2e_ratio, TARGET_LATENCY_RATIO, lower_is_better=True)},"
+        f" end-to-end vs the same log load unsubscribed ->"
+        f" {verdict(channel_ratio, TARGET_LATENCY_RATIO, lower_is_better=True)}",
     ]
     if profile_text:
         lines += ["server profile (cProfile, loop thread, idle + loaded phase):", profile_text]
