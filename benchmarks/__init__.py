@@ -14,6 +14,7 @@ import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 #: Benchmark module names, in the order `python -m benchmarks` runs them.
 BENCHMARKS: tuple[str, ...] = ("dispatch", "hot_reload", "startup", "api_http", "logs_fanout")
@@ -58,6 +59,19 @@ def pinned_to_one_core() -> Iterator[str]:
         yield f"pinned to CPU {cpu} of {len(before)} available"
     finally:
         os.sched_setaffinity(0, before)
+
+
+def write_bench_plugin(plugin_dir: Path, name: str, source: str, description: str = "") -> Path:
+    """Write the directory plugin `plugin_dir/name` with `source` as its `__init__.py`;
+    return that file's path."""
+    root = plugin_dir / name
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "plugin.toml").write_text(
+        f'name = "{name}"\nversion = "1.0"\ndescription = "{description}"\n', encoding="utf-8"
+    )
+    init = root / "__init__.py"
+    init.write_text(source, encoding="utf-8")
+    return init
 
 
 def machine_note() -> str:

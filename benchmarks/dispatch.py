@@ -27,7 +27,6 @@ import gc
 import io
 import pstats
 import tempfile
-import textwrap
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from benchmarks import machine_note, median, pinned_to_one_core, verdict
+from benchmarks import machine_note, median, pinned_to_one_core, verdict, write_bench_plugin
 
 PLUGIN = "zz_bench_dispatch"
 COMMANDS = 1000
@@ -73,20 +72,8 @@ def nekobot_commands():
 
 
 def write_plugin(plugin_dir: Path) -> None:
-    """Generate the benchmark plugin under `plugin_dir`."""
-    root = plugin_dir / PLUGIN
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "plugin.toml").write_text(
-        textwrap.dedent(
-            f"""\
-            name = "{PLUGIN}"
-            version = "1.0"
-            description = "dispatch benchmark"
-            """
-        ),
-        encoding="utf-8",
-    )
-    (root / "__init__.py").write_text(_PLUGIN_SOURCE, encoding="utf-8")
+    """The benchmark plugin, as a directory plugin under `plugin_dir`."""
+    write_bench_plugin(plugin_dir, PLUGIN, _PLUGIN_SOURCE, "dispatch benchmark")
 
 
 class CountingAdapter:

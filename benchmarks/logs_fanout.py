@@ -45,13 +45,12 @@ import os
 import random
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine_note, median, verdict
+from benchmarks import machine_note, median, verdict, write_bench_plugin
 from benchmarks.api_http import PROFILE_ENV, REPO, Server, pinning, request, top_functions
 from benchmarks.startup import cpu_seconds
 
@@ -273,18 +272,7 @@ async def _serve(port: int, data_dir: Path) -> None:
 
 def write_plugin(plugin_dir: Path) -> None:
     """The benchmark plugin, as a directory plugin under `plugin_dir`."""
-    root = plugin_dir / PLUGIN
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "plugin.toml").write_text(
-        textwrap.dedent(
-            f"""\
-            name = "{PLUGIN}"
-            version = "1.0"
-            description = "logs_fanout benchmark"
-            """
-        )
-    )
-    (root / "__init__.py").write_text(_PLUGIN_SOURCE)
+    write_bench_plugin(plugin_dir, PLUGIN, _PLUGIN_SOURCE, "logs_fanout benchmark")
 
 
 class KernelServer(Server):
