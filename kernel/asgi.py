@@ -160,7 +160,8 @@ class _StaticFirstRouter:
     (the common case) before falling back to its linear scan."""
 
     def __init__(self, routes: list[BaseRoute]) -> None:
-        self.router = Router(routes=routes, default=_not_found)
+        # No 307 to the path with(out) a trailing slash: a miss is the 404 envelope.
+        self.router = Router(routes=routes, default=_not_found, redirect_slashes=False)
         self.static: dict[str, list[BaseRoute]] = {}
         for route in routes:
             path = getattr(route, "path", "")

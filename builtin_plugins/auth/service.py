@@ -22,6 +22,8 @@ from kernel.storage import PluginStore
 DEFAULT_USER = "nekobot"
 DEFAULT_PASSWORD = "nekobot"
 _CHECKED_TOKENS = 1024
+#: Client addresses and usernames whose failed logins are remembered at most.
+MAX_TRACKED_KEYS = 10_000
 #: Stored instead of a hash while the default account has the documented default password.
 DEFAULT_MARK = "default$"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -89,10 +91,23 @@ class LoginLimiter:
         return wait
 
     def failed(self, *keys: str) -> None:
-        """Count one failure against each key."""
+        """Count one failure against each key (the table stays bounded)."""
         now = time.monotonic()
+        if len(self._failures) >= MAX_TRACKED_KEYS:
+            self._prune(now)
         for key in keys:
-            self._failures.setdefault(key, deque()).append(now)
+            times = self._failures.setdefault(key, deque())
+            times.append(now)
+            while len(times) > self.max_failures:  # more are never needed to refuse
+                times.popleft()
+
+    def _prune(self, now: float) -> None:
+        # Forget keys whose failures all left the window; if a spray of fresh keys still
+        # fills the table, forget the oldest (dicts keep insertion order).
+        for key in [k for k, t in self._failures.items() if not t or now - t[-1] > self.window]:
+            del self._failures[key]
+        while len(self._failures) >= MAX_TRACKED_KEYS:
+            del self._failures[next(iter(self._failures))]
 
     def succeeded(self, *keys: str) -> None:
         """Forget a key's failures."""
@@ -229,7 +244,12 @@ class AuthService:
     async def revoke(self, claims: Mapping[str, Any]) -> None:
         """Revoke a token until it expires (persisted)."""
         jti, exp = str(claims["jti"]), float(claims["exp"])
+        now = time.time()
+        # Tokens that expired anyway need no revocation entry any more.
+        for old in [j for j, e in self.revoked.items() if e < now]:
+            del self.revoked[old]
         self.revoked[jti] = exp
         await self.store.execute(
             "INSERT OR REPLACE INTO {t:revoked} (jti, exp) VALUES (?, ?)", (jti, exp)
         )
+        await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (now,))

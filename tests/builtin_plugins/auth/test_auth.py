@@ -160,3 +160,34 @@ def test_password_hash_round_trip() -> None:
     assert verify_password("s3cret", stored)
     assert not verify_password("other", stored)
     assert not verify_password("s3cret", "garbage")
+
+
+def test_login_limiter_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from builtin_plugins.auth import service
+
+    monkeypatch.setattr(service, "MAX_TRACKED_KEYS", 100)
+    limiter = service.LoginLimiter(max_failures=3, window=300)
+    for i in range(1000):  # a spray of usernames
+        limiter.failed(f"user:{i}")
+    assert len(limiter._failures) <= 100
+    for _ in range(10):
+        limiter.failed("ip:1")
+    assert len(limiter._failures["ip:1"]) == 3
+    assert limiter.retry_after("ip:1") > 0
+
+
+async def test_revocations_of_expired_tokens_are_purged(kernel: Kernel) -> None:
+    import time
+
+    auth = kernel.services.get("auth")
+    await auth.revoke({"jti": "old", "exp": time.time() - 10})
+    await auth.revoke({"jti": "new", "exp": time.time() + 1000})
+    assert set(auth.revoked) == {"new"}
+    rows = await auth.store.fetchall("SELECT jti FROM {t:revoked}")
+    assert [r[0] for r in rows] == ["new"]
+
+
+async def test_trailing_slash_is_a_404_envelope_not_a_redirect(client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/health/")
+    assert r.status_code == 404
+    assert r.json()["code"] == "not_found"
