@@ -16,6 +16,7 @@ from kernel.storage import PluginStore
 if TYPE_CHECKING:
     import httpx
 
+    from kernel.events import Adapter
     from kernel.kernel import Kernel
 
 T = TypeVar("T")
@@ -148,6 +149,14 @@ class PluginContext:
         if self.scope.closed:
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot emit")
         await self._kernel.emit(KernelEvent(type, data or {}, plugin=self.name))
+
+    def attach_adapter(self, instance: str, adapter: Adapter) -> None:
+        """Route replies for platform `instance` through `adapter` (a platform plugin's
+        connection) until the plugin goes away."""
+        if self.scope.closed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot attach")
+        detach = self._kernel.pipeline.attach(instance, adapter)
+        self.scope.on_dispose(detach, name=f"adapter {instance}")
 
     def publish(self, channel: str, data: Any) -> int:
         """Publish `data` on a WebSocket channel this plugin contributed; returns 1 if a hub

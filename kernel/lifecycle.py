@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, TypeVar
 
 import anyio
@@ -207,13 +207,3 @@ class Scope:
             self._log.error("dispose step %r timed out after %.1fs", name, self._step_timeout)
         except Exception:
             self._log.exception("dispose step %r failed", name)
-
-
-@asynccontextmanager
-async def entered(gate: Gate) -> AsyncIterator[None]:
-    """`async with entered(gate):` — the context-manager form of enter/leave."""
-    gate.enter()
-    try:
-        yield
-    finally:
-        gate.leave()

@@ -110,3 +110,38 @@ async def test_open_websocket_does_not_block_disable_and_is_closed(tmp_path: Pat
             with anyio.fail_after(5):
                 closing = await from_app[1].receive()
             assert closing == {"type": "websocket.close", "code": 1012}
+
+
+ADAPTER = """
+from kernel import hookimpl, Reply
+
+class Sink:
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, target, reply):
+        self.sent.append(reply.plain_text)
+
+SINK = Sink()
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    ctx.attach_adapter("kk-platform-1", SINK)
+"""
+
+
+async def test_attached_adapter_is_detached_with_its_plugin(tmp_path: Path) -> None:
+    import sys
+
+    from kernel import Reply, Target
+
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "kk_adapter", ADAPTER)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        target = Target("kk-platform-1", "private", "someone")
+        await kernel.pipeline.send(target, Reply.text("hi"))
+        assert sys.modules["kk_adapter"].SINK.sent == ["hi"]
+        await kernel.plugins.disable("kk_adapter")
+        assert "kk-platform-1" not in kernel.pipeline.adapters
+        with pytest.raises(LookupError):
+            await kernel.pipeline.send(target, Reply.text("gone"))
