@@ -20,13 +20,9 @@ and the load generator to another.
 Figures are given by the wall clock and per CPU-second the server process used (the
 latter stays meaningful when other processes share the servers' core). With `--profile`
 the kernel server runs under cProfile for one more timed run and the costliest
-functions are printed. `--what-if tokens,infos` patches the kernel server first, to
-measure proposed optimisations before they are made: `tokens` caches verified bearer
-tokens (expiry and revocation still checked), `infos` builds the plugin snapshots once
-(an upper bound: never invalidated).
+functions are printed.
 
-Run: `python -m benchmarks.api_http [--seconds S] [--connections N] [--quick] [--profile]
-[--what-if NAMES]`.
+Run: `python -m benchmarks.api_http [--seconds S] [--connections N] [--quick] [--profile]`.
 """
 
 from __future__ import annotations
@@ -42,9 +38,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from benchmarks import machine_note, verdict
 from benchmarks.startup import cpu_seconds, free_port
@@ -54,7 +49,6 @@ PATH = "/api/plugins"
 #: The settings schema's maximum: far above any rate this benchmark reaches.
 RATE_LIMIT = 1_000_000
 PROFILE_ENV = "NEKOBOT_BENCH_PROFILE"
-WHAT_IF_ENV = "NEKOBOT_BENCH_WHAT_IF"
 START_TIMEOUT_S = 30.0
 #: Server subprocesses run here, so that `benchmarks` is importable.
 REPO = Path(__file__).resolve().parents[1]
@@ -89,41 +83,7 @@ async def _serve_kernel(port: int, data_dir: Path) -> None:
     plugin_dir.mkdir(parents=True, exist_ok=True)
     config = KernelConfig(data_dir=data_dir, plugin_dirs=(plugin_dir,), port=port)
     async with Kernel(config) as kernel:
-        for name in filter(None, os.environ.get(WHAT_IF_ENV, "").split(",")):
-            WHAT_IF[name](kernel)
         await uvicorn.Server(uvicorn_config(kernel.asgi_app, port)).serve()  # type: ignore[arg-type]
-
-
-def _cache_tokens(kernel: Any) -> None:
-    """What-if: the auth service remembers tokens it verified (until they expire; a
-    revoked one is still refused) instead of checking the signature on every request."""
-    service = kernel.services.get("auth")
-    verify = service.verify
-    cache: dict[str, dict[str, Any]] = {}
-
-    def cached(token: str) -> dict[str, Any] | None:
-        claims = cache.get(token)
-        if claims is None:
-            claims = verify(token)
-            if claims is None:
-                return None
-            if len(cache) < 1024:
-                cache[token] = claims
-        if claims["exp"] <= time.time() or claims["jti"] in service.revoked:
-            return None
-        return claims
-
-    service.verify = cached
-
-
-def _cache_infos(kernel: Any) -> None:
-    """What-if (an upper bound: never invalidated): plugin snapshots built once."""
-    snapshot = kernel.plugins.infos()
-    kernel.plugins.infos = lambda: snapshot
-
-
-#: `--what-if` names -> patches applied to the kernel server before it serves.
-WHAT_IF: dict[str, Callable[[Any], None]] = {"tokens": _cache_tokens, "infos": _cache_infos}
 
 
 async def _serve_bare(port: int, payload: object) -> None:
@@ -333,12 +293,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=2, help="bare/kernel alternations")
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     parser.add_argument("--profile", action="store_true", help="profile the kernel server")
-    parser.add_argument(
-        "--what-if",
-        default="",
-        metavar="NAMES",
-        help=f"patch the kernel server first (comma-separated: {', '.join(WHAT_IF)})",
-    )
     parser.add_argument("--serve", choices=("kernel", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -359,11 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="nekobot-bench-api-") as tmp:
         root = Path(tmp)
         (root / "kernel").mkdir()
-        unknown = set(filter(None, opts.what_if.split(","))) - WHAT_IF.keys()
-        if unknown:
-            parser.error(f"unknown --what-if {', '.join(sorted(unknown))}")
-        env = {**os.environ, WHAT_IF_ENV: opts.what_if}
-        kernel = Server("kernel", root / "kernel" / "data", root / "kernel.log", env)
+        kernel = Server("kernel", root / "kernel" / "data", root / "kernel.log")
         servers = [kernel]
         try:
             kernel.wait_ready("/api/health")
@@ -395,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         profile_text = ""
         if opts.profile:
             profile = root / "kernel.prof"
-            env = {**os.environ, PROFILE_ENV: str(profile), WHAT_IF_ENV: opts.what_if}
+            env = {**os.environ, PROFILE_ENV: str(profile)}
             (root / "kernel2").mkdir()
             profiled = Server("kernel", root / "kernel2" / "data", root / "kernel2.log", env)
             try:
@@ -438,8 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"{machine_note()}; {pin_note}",
         f"uvicorn: loop asyncio, http {http_impl}, log level warning, no access log;"
         f" body {len(body):,} bytes",
-        f"kernel server patched (what-if): {opts.what_if or 'no'};"
-        f" {opts.connections} keep-alive connections, {opts.seconds:g} s per run,"
+        f"{opts.connections} keep-alive connections, {opts.seconds:g} s per run,"
         f" {opts.rounds} alternation(s) after an untimed warm-up",
         f"  bare Starlette : {bare_rate:8,.0f} req/s  (runs: {fmt(runs['bare'])})",
         f"  kernel         : {kernel_rate:8,.0f} req/s  (runs: {fmt(runs['kernel'])})"
