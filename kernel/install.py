@@ -7,9 +7,10 @@ conflicts), and only then moves it into place with one rename. A plugin that rep
 an active one is swapped in transactionally: if the new version does not load, the old
 files come back and the old generation keeps serving.
 
-Manifest `dependencies` are refused unless the `allow_pip_install` setting is on; the
-installation of dependencies with pip is not implemented yet, so a plugin that lists
-dependencies cannot be installed from an archive today.
+Manifest `dependencies` that are not installed yet are refused unless the
+`allow_pip_install` setting is on; then they are installed with pip (`kernel.deps`)
+before the staged package is imported. A dry run only resolves them. Packages that
+pip installed stay installed if the plugin then fails to load.
 
 Importing the staged package runs its module-level code (as enabling it would):
 plugin upload must only be offered to administrators.
@@ -33,6 +34,7 @@ from kernel.calling import Contributions, collect_contributions
 from kernel.commands import CommandEntry
 from kernel.deps import install_requirements, missing_requirements
 from kernel.errors import InstallError, NekoError, PluginExistsError, PluginLoadError
+from kernel.generations import STATE_SECTION
 from kernel.hookspecs import PROJECT, SPEC_MODULES, all_hook_names
 from kernel.loader import PluginCandidate, shadows_module
 from kernel.manifest import check_compatible
@@ -119,7 +121,7 @@ async def install_archive(
                 replaced=existing,
                 plugin=kernel.plugins.info(name) if rec is not None else None,
             )
-        await _put_in_place(kernel, name, staged, target, enable=enable)
+        await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
     finally:
         await anyio.to_thread.run_sync(remove_staging, staged)
 
@@ -162,13 +164,17 @@ def _check_name(name: str, rec: PluginRecord | None, existing: bool, overwrite: 
             f"plugin name {name!r} would shadow an importable module; rename the plugin"
         )
     if existing and not overwrite:
-        if rec is not None:
-            raise PluginExistsError(
-                f"plugin {name!r} is already installed; use overwrite to replace it"
-            )
-        raise PluginExistsError(
-            f"{name!r} already exists in the plugin directory; use overwrite to replace it"
+        raise _exists(name, installed=rec is not None)
+
+
+def _exists(name: str, *, installed: bool) -> PluginExistsError:
+    if installed:
+        return PluginExistsError(
+            f"plugin {name!r} is already installed; use overwrite to replace it"
         )
+    return PluginExistsError(
+        f"{name!r} already exists in the plugin directory; use overwrite to replace it"
+    )
 
 
 # -- importing the staged package ------------------------------------------------------
@@ -254,17 +260,26 @@ def _contributions_of(name: str, module: ModuleType) -> Contributions:
 
 
 async def _put_in_place(
-    kernel: Kernel, name: str, staged: Path, target: Path, *, enable: bool
+    kernel: Kernel, name: str, staged: Path, target: Path, *, enable: bool, overwrite: bool
 ) -> None:
     """Move the staged package to `target` and load it; on any failure undo everything."""
     plugins = kernel.plugins
     rec = plugins.records.get(name)
+    if rec is not None and not overwrite:
+        # Installed by a concurrent install since `_check_name` looked.
+        raise _exists(name, installed=True)
     was_active = rec is not None and rec.generation is not None
-    if rec is None and not enable:
-        # Before the files appear, so that the hot reloader does not start it either.
-        await plugins.remember_enabled(name, False)
-    backup = await anyio.to_thread.run_sync(_swap_in, staged, target)
+    # A new plugin stays disabled until someone enables it (also after a restart); that
+    # is stored before the files appear, so that the hot reloader does not start it either.
+    new_disabled = rec is None and not enable
+    stored = await kernel.storage.state_get(STATE_SECTION, name) if new_disabled else None
+    backup: Path | None = None
+    swapped = False
     try:
+        if new_disabled:
+            await plugins.remember_enabled(name, False)
+        backup = await anyio.to_thread.run_sync(_swap_in, staged, target, overwrite)
+        swapped = True
         if was_active:
             await plugins.reload(name)
         else:
@@ -278,22 +293,28 @@ async def _put_in_place(
                 raise InstallError(f"plugin {name!r} cannot be loaded: {new.candidate.problem}")
         if enable:
             await plugins.enable(name)
-        elif rec is None:
-            # A new plugin stays disabled until someone enables it (also after a restart).
+        elif new_disabled:
             await plugins.disable(name)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            try:
-                await anyio.to_thread.run_sync(_swap_back, staged, target, backup)
-            except OSError as exc:
-                # Keep the original error; this one needs an administrator's eyes.
-                kernel.log.error("could not restore %s after a failed install: %s", target, exc)
-            if was_active:
+            if swapped:
+                try:
+                    await anyio.to_thread.run_sync(_swap_back, staged, target, backup)
+                except OSError as exc:
+                    # Keep the original error; this one needs an administrator's eyes.
+                    kernel.log.error("could not restore %s after a failed install: %s", target, exc)
+            if new_disabled:
+                # What was stored before (usually nothing) comes back, after the files left.
+                if stored is None:
+                    await kernel.storage.state_delete(STATE_SECTION, name)
+                else:
+                    await kernel.storage.state_set(STATE_SECTION, name, stored)
+            if swapped and was_active:
                 # The failed reload left the old generation serving; load it again from
                 # the restored files so that module state matches what is on disk.
                 with contextlib.suppress(NekoError):
                     await plugins.reload(name)
-            else:
+            elif swapped:
                 if rec is None and name in plugins.records:
                     with contextlib.suppress(NekoError):
                         await plugins.forget_vanished(name)
@@ -301,14 +322,21 @@ async def _put_in_place(
         raise
 
 
-def _swap_in(staged: Path, target: Path) -> Path | None:
-    """Rename `staged` to `target`, moving what is there aside first; return where to."""
+def _swap_in(staged: Path, target: Path, replace: bool) -> Path | None:
+    """Rename `staged` to `target`, moving what is there aside first; return where to.
+
+    Without `replace`, something at `target` (put there by a concurrent install since
+    the name was checked) is an error.
+    """
     backup = None
     try:
         if os.path.lexists(target):
+            if not replace:
+                raise _exists(target.name, installed=False)
             backup = staged.parent / "previous"
             os.rename(target, backup)
         try:
+            # Without `replace` this also fails if a non-empty directory appeared meanwhile.
             os.rename(staged, target)
         except BaseException:
             if backup is not None:

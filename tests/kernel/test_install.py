@@ -9,11 +9,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from kernel import (
     InstallError,
     ManifestError,
+    PluginExistsError,
     PluginLoadError,
     PluginState,
     ReloadError,
@@ -314,6 +316,67 @@ async def test_failing_enable_after_install_leaves_nothing_behind(
         assert name not in sys.modules
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
         assert name not in kernel.plugins.records
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stored", [None, {"enabled": True}])
+@pytest.mark.parametrize("failing", ["_swap_in", "rescan"])
+async def test_failed_install_restores_the_stored_enabled_flag(
+    tmp_path: Path, plugin_dir: Path, monkeypatch: pytest.MonkeyPatch, failing: str, stored: object
+) -> None:
+    # A new plugin installed without `enable` is remembered as disabled before its files
+    # move in; a failure must not leave that behind (a plugin of that name copied in
+    # later would come up disabled).
+    name = f"{PREFIX}flag"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        if stored is not None:
+            await kernel.storage.state_set("plugins", name, stored)
+
+        def fail(*args: object) -> None:
+            raise OSError("disk trouble")
+
+        if failing == "_swap_in":
+            monkeypatch.setattr("kernel.install._swap_in", fail)
+        else:
+            rescan = kernel.plugins.rescan
+
+            async def rescan_fails_once() -> list[str]:
+                monkeypatch.setattr(kernel.plugins, "rescan", rescan)
+                fail()
+                return []
+
+            monkeypatch.setattr(kernel.plugins, "rescan", rescan_fails_once)
+        with pytest.raises(OSError, match="disk trouble"):
+            await install_archive(kernel, archive(name, code("zzflag", "x")))
+        assert listing(plugin_dir) == []
+        assert name not in kernel.plugins.records
+        assert await kernel.storage.state_get("plugins", name) == stored
+
+
+@pytest.mark.anyio
+async def test_concurrent_installs_of_one_name_do_not_overwrite_each_other(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}race"
+    outcomes: dict[str, str] = {}
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+
+        async def install(reply: str) -> None:
+            try:
+                await install_archive(kernel, archive(name, code("zzrace", reply)), enable=True)
+                outcomes[reply] = "installed"
+            except PluginExistsError:
+                outcomes[reply] = "refused"
+
+        # Both pass the name check before either moves its files in.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(install, "a")
+            tg.start_soon(install, "b")
+        assert sorted(outcomes.values()) == ["installed", "refused"]
+        winner = next(r for r, o in outcomes.items() if o == "installed")
+        assert f'return "{winner}"' in (plugin_dir / name / "__init__.py").read_text()
+        assert await MockBot(kernel).receive("/zzrace") == [winner]
+        assert names(plugin_dir) == [name]
 
 
 @pytest.mark.anyio
