@@ -426,7 +426,6 @@ def extract_archive(plan: ArchivePlan, data: bytes, dest_parent: Path) -> Path:
 def remove_staging(staged: Path) -> None:
     """Remove the staging directory that `extract_archive` created for `staged`."""
     staging = staged.parent
+    # Never anything else: a path that did not come from `extract_archive` is left alone.
     if staging.name.startswith(STAGING_PREFIX):
         shutil.rmtree(staging, ignore_errors=True)
-    else:
-        shutil.rmtree(staged, ignore_errors=True)

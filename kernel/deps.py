@@ -97,10 +97,10 @@ async def install_requirements(
         constraints,
         *pip_args,
     ]
+    # Resolve first: a real install that fails halfway could leave some packages in.
+    steps = [["--dry-run"]] if dry_run else [["--dry-run"], []]
     try:
-        for step in (["--dry-run"], [] if not dry_run else None):
-            if step is None:
-                break
+        for step in steps:
             with anyio.fail_after(PIP_TIMEOUT):
                 result = await anyio.run_process([*base, *step, *missing], check=False)
             output = (result.stdout + result.stderr).decode("utf-8", "replace")

@@ -18,7 +18,7 @@ from kernel.models import PluginManifest
 from kernel.version import __version__
 
 MANIFEST_FILE = "plugin.toml"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FIELDS = {
     "name",
     "version",
@@ -33,7 +33,8 @@ _FIELDS = {
 
 def check_plugin_name(name: object, field: str = "name") -> str:
     """Return `name` if it can name a plugin (a module and a storage namespace)."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    # fullmatch: `$` would also match before a final newline ("name\n").
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ManifestError(
             field,
             f"{name!r} is not a valid plugin name "

@@ -3,6 +3,7 @@ rejected before anything is written, and the safe extraction of valid ones."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import os
@@ -44,7 +45,8 @@ def make_zip(entries: Iterable[Entry], *, level: int = 6) -> bytes:
         warnings.simplefilter("ignore")  # zipfile warns about duplicate names
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
             for name, content in entries:
-                zf.writestr(name, content)
+                # writestr fills in a ZipInfo; the corpus may zip the same one again.
+                zf.writestr(copy.copy(name) if isinstance(name, zipfile.ZipInfo) else name, content)
     return buf.getvalue()
 
 
@@ -56,6 +58,11 @@ def package(*extra: Entry, name: str = NAME, top: str | None = None) -> list[Ent
         (f"{top}/plugin.toml", manifest(name)),
         *extra,
     ]
+
+
+def zipped(*extra: Entry) -> Callable[[], bytes]:
+    """Makes the zip of a valid package plus `extra` when called (the corpus is lazy)."""
+    return lambda: make_zip(package(*extra))
 
 
 def info(name: str, mode: int | None = None, *, system: int = 3) -> zipfile.ZipInfo:
@@ -70,6 +77,12 @@ def info(name: str, mode: int | None = None, *, system: int = 3) -> zipfile.ZipI
 def nul_named(name: str) -> zipfile.ZipInfo:
     zi = info("placeholder")
     zi.filename = name  # ZipInfo() would cut the name at the NUL; the writer does not
+    return zi
+
+
+def _msdos_dir(name: str) -> zipfile.ZipInfo:
+    zi = info(name, system=0)
+    zi.external_attr = 0x10
     return zi
 
 
@@ -115,52 +128,27 @@ MALICIOUS: list[tuple[str, Callable[[], bytes], ArchiveLimits | None, str]] = [
     ("not-a-zip", lambda: b"hello, this is not a zip", None, "not a zip archive"),
     ("truncated", lambda: make_zip(package())[:-30], None, "not a zip archive"),
     ("empty", lambda: make_zip([]), None, "empty"),
-    (
-        "too-big",
-        lambda: make_zip(package((f"{NAME}/r.bin", os.urandom(70 * 1024)))),
-        SMALL,
-        "over the limit",
-    ),
+    ("too-big", zipped((f"{NAME}/r.bin", os.urandom(70 * 1024))), SMALL, "over the limit"),
     (
         "too-many-files",
-        lambda: make_zip(package(*((f"{NAME}/m{i}.py", b"") for i in range(20)))),
+        zipped(*((f"{NAME}/m{i}.py", b"") for i in range(20))),
         SMALL,
         "entries, over the limit of 10",
     ),
-    ("dotdot", lambda: make_zip(package(("../evil.py", b"x"))), None, r"'\.\.'"),
-    (
-        "dotdot-inside",
-        lambda: make_zip(package((f"{NAME}/../../evil.py", b"x"))),
-        None,
-        r"escapes",
-    ),
-    ("absolute", lambda: make_zip(package(("/etc/evil.py", b"x"))), None, "absolute"),
-    ("drive-letter", lambda: make_zip(package(("C:/evil.py", b"x"))), None, "drive letter"),
-    ("drive-relative", lambda: make_zip(package(("c:evil.py", b"x"))), None, "drive letter"),
-    (
-        "backslash",
-        lambda: make_zip(package((f"{NAME}\\..\\..\\evil.py", b"x"))),
-        None,
-        "backslash",
-    ),
-    (
-        "nul-byte",
-        lambda: make_zip(package((nul_named(f"{NAME}/a.py\x00.txt"), b"x"))),
-        None,
-        "NUL",
-    ),
-    ("control-char", lambda: make_zip(package((f"{NAME}/a\x07.py", b"x"))), None, "control"),
-    ("empty-component", lambda: make_zip(package((f"{NAME}//a.py", b"x"))), None, "empty"),
-    ("dot-component", lambda: make_zip(package((f"{NAME}/./a.py", b"x"))), None, "'.'"),
-    (
-        "duplicate",
-        lambda: make_zip(package((f"{NAME}/a.py", b"1"), (f"{NAME}/a.py", b"2"))),
-        None,
-        "appears twice",
-    ),
+    ("dotdot", zipped(("../evil.py", b"x")), None, r"'\.\.'"),
+    ("dotdot-inside", zipped((f"{NAME}/../../evil.py", b"x")), None, r"escapes"),
+    ("absolute", zipped(("/etc/evil.py", b"x")), None, "absolute"),
+    ("drive-letter", zipped(("C:/evil.py", b"x")), None, "drive letter"),
+    ("drive-relative", zipped(("c:evil.py", b"x")), None, "drive letter"),
+    ("backslash", zipped((f"{NAME}\\..\\..\\evil.py", b"x")), None, "backslash"),
+    ("nul-byte", zipped((nul_named(f"{NAME}/a.py\x00.txt"), b"x")), None, "NUL"),
+    ("control-char", zipped((f"{NAME}/a\x07.py", b"x")), None, "control"),
+    ("empty-component", zipped((f"{NAME}//a.py", b"x")), None, "empty"),
+    ("dot-component", zipped((f"{NAME}/./a.py", b"x")), None, "'.'"),
+    ("duplicate", zipped((f"{NAME}/a.py", b"1"), (f"{NAME}/a.py", b"2")), None, "appears twice"),
     (
         "duplicate-case",
-        lambda: make_zip(package((f"{NAME}/A.py", b"1"), (f"{NAME}/a.py", b"2"))),
+        zipped((f"{NAME}/A.py", b"1"), (f"{NAME}/a.py", b"2")),
         None,
         "appears twice",
     ),
@@ -177,52 +165,37 @@ MALICIOUS: list[tuple[str, Callable[[], bytes], ArchiveLimits | None, str]] = [
     ),
     (
         "duplicate-manifest",
-        lambda: make_zip(package((f"{NAME}/plugin.toml", manifest("zz_other")))),
+        zipped((f"{NAME}/plugin.toml", manifest("zz_other"))),
         None,
         "appears twice",
     ),
     (
         "file-and-dir",
-        lambda: make_zip(package((f"{NAME}/sub", b"1"), (f"{NAME}/sub/a.py", b"2"))),
+        zipped((f"{NAME}/sub", b"1"), (f"{NAME}/sub/a.py", b"2")),
         None,
         "both a file and a directory",
     ),
     (
         "symlink",
-        lambda: make_zip(package((info(f"{NAME}/link", stat.S_IFLNK | 0o777), b"/etc/passwd"))),
+        zipped((info(f"{NAME}/link", stat.S_IFLNK | 0o777), b"/etc/passwd")),
         None,
         "symbolic link",
     ),
     (
         "symlink-dir",
-        lambda: make_zip(package((info(f"{NAME}/up/", stat.S_IFLNK | 0o777), b".."))),
+        zipped((info(f"{NAME}/up/", stat.S_IFLNK | 0o777), b"..")),
         None,
         "symbolic link",
     ),
-    (
-        "fifo",
-        lambda: make_zip(package((info(f"{NAME}/pipe", stat.S_IFIFO | 0o644), b""))),
-        None,
-        "special file",
-    ),
-    (
-        "char-device",
-        lambda: make_zip(package((info(f"{NAME}/tty", stat.S_IFCHR | 0o644), b""))),
-        None,
-        "special file",
-    ),
+    ("fifo", zipped((info(f"{NAME}/pipe", stat.S_IFIFO | 0o644), b"")), None, "special file"),
+    ("char-device", zipped((info(f"{NAME}/tty", stat.S_IFCHR | 0o644), b"")), None, "special file"),
     (
         "dir-mode-on-file",
-        lambda: make_zip(package((info(f"{NAME}/fake", stat.S_IFDIR | 0o755), b""))),
+        zipped((info(f"{NAME}/fake", stat.S_IFDIR | 0o755), b"")),
         None,
         "marked as a directory",
     ),
-    (
-        "msdos-dir-on-file",
-        lambda: make_zip(package((_msdos_dir(f"{NAME}/fake"), b""))),
-        None,
-        "marked as a directory",
-    ),
+    ("msdos-dir-on-file", zipped((_msdos_dir(f"{NAME}/fake"), b"")), None, "marked as a directory"),
     (
         "encrypted",
         lambda: patch(make_zip(package((f"{NAME}/a.py", b"x = 1\n"))), f"{NAME}/a.py", flags=1),
@@ -237,7 +210,7 @@ MALICIOUS: list[tuple[str, Callable[[], bytes], ArchiveLimits | None, str]] = [
     ),
     (
         "unpacked-total",
-        lambda: make_zip(package(*((f"{NAME}/r{i}.bin", os.urandom(60 * 1024)) for i in range(5)))),
+        zipped(*((f"{NAME}/r{i}.bin", os.urandom(60 * 1024)) for i in range(5))),
         attrs.evolve(SMALL, max_bytes=1024 * 1024),
         "extracts to .* over the limit",
     ),
@@ -265,7 +238,7 @@ MALICIOUS: list[tuple[str, Callable[[], bytes], ArchiveLimits | None, str]] = [
     ),
     (
         "loose-file-beside-package",
-        lambda: make_zip(package(("setup.py", b"import os"))),
+        zipped(("setup.py", b"import os")),
         None,
         "exactly one plugin package",
     ),
@@ -319,13 +292,14 @@ MALICIOUS: list[tuple[str, Callable[[], bytes], ArchiveLimits | None, str]] = [
         None,
         "not a valid plugin name",
     ),
+    (
+        # The name comes from the manifest here; "\n" would end up in a directory name.
+        "name-with-newline",
+        lambda: make_zip([("__init__.py", INIT), ("plugin.toml", manifest(NAME + "\\n"))]),
+        None,
+        "not a valid plugin name",
+    ),
 ]
-
-
-def _msdos_dir(name: str) -> zipfile.ZipInfo:
-    zi = info(name, system=0)
-    zi.external_attr = 0x10
-    return zi
 
 
 def listing(root: Path) -> list[str]:

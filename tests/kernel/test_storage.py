@@ -254,6 +254,14 @@ async def test_state_set_many_is_atomic(storage: Storage) -> None:
     with pytest.raises(StorageError, match="'bad'"):
         await storage.state_set_many("cfg", {"b": 2, "bad": object()}, replace=True)
     assert await storage.state_items("cfg") == {"a": 1}
+    # That one fails before writing; this one fails in SQLite, after the delete and an insert.
+    await storage.execute(
+        "CREATE TRIGGER no_bad BEFORE INSERT ON kernel_state WHEN NEW.key = 'bad' "
+        "BEGIN SELECT RAISE(ABORT, 'no bad keys'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="no bad keys"):
+        await storage.state_set_many("cfg", {"b": 2, "bad": 3}, replace=True)
+    assert await storage.state_items("cfg") == {"a": 1}
 
 
 @pytest.mark.anyio
