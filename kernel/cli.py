@@ -5,6 +5,7 @@
     nekobot plugins enable|disable|reload NAME
     nekobot plugins install ZIP [--enable] [--overwrite] [--dry-run]
     nekobot plugins remove NAME [--keep-data]
+    nekobot admin reset-password [--username NAME] [--password-stdin]
 
 `plugins` commands work offline on the data directory: they start a kernel without
 hot reload or watchdog and go through the same plugin operations as the API, so an
@@ -135,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--dry-run", action="store_true", help="check it and report conflicts; write nothing"
     )
+    remove = actions.add_parser("remove", parents=[dirs], help="delete a user plugin")
+    remove.add_argument("name", help="plugin name")
+    remove.add_argument(
+        "--keep-data", action="store_true", help="keep its configuration and stored data"
+    )
     admin = commands.add_parser(
         "admin",
         parents=[dirs],
@@ -152,11 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--username", default="nekobot", help="account (default: nekobot)")
     reset.add_argument(
         "--password-stdin", action="store_true", help="read the new password from standard input"
-    )
-    remove = actions.add_parser("remove", parents=[dirs], help="delete a user plugin")
-    remove.add_argument("name", help="plugin name")
-    remove.add_argument(
-        "--keep-data", action="store_true", help="keep its configuration and stored data"
     )
     return parser
 
@@ -188,25 +189,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "admin":
                 return _admin(args)
             return _plugins(args)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
-        except (NekoError, CLIError) as exc:
-            return _error(exc)
-        except BaseExceptionGroup as group:
-            only = _single(group)
-            if isinstance(only, NekoError | CLIError):
-                return _error(only)
-            if isinstance(only, KeyboardInterrupt):
-                print(f"{PROG}: interrupted", file=sys.stderr)
-                return 130
-            return _unexpected(group)
-        except Exception as exc:
-            return _unexpected(exc)
+        except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
+            return _report(exc)
 
 
-def _error(exc: Exception) -> int:
-    message = exc.message if isinstance(exc, NekoError) else str(exc)
+def _report(exc: BaseException) -> int:
+    """Say in one line what went wrong; return the exit status."""
+    if isinstance(exc, BaseExceptionGroup):
+        # The kernel's task group wraps what its body raises.
+        only = _single(exc)
+        return _unexpected(exc) if only is None else _report(only)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, NekoError | CLIError):
+        return _error(exc.message if isinstance(exc, NekoError) else str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        # A data or plugin directory that cannot be used: the user's to fix, not a bug.
+        where = f"{str(exc.filename)!r}: " if exc.filename is not None else ""
+        return _error(f"{where}{exc.strerror}")
+    if isinstance(exc, Exception):
+        return _unexpected(exc)
+    raise exc
+
+
+def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 1
 
@@ -383,8 +390,12 @@ async def _reset_password(config: KernelConfig, username: str, password: str) ->
         await kernel.stop_hot_reload()
         auth = kernel.services.get("auth")
         set_password = getattr(auth, "set_password", None)
-        if set_password is None:
+        account = getattr(auth, "account", None)
+        if set_password is None or account is None:
             raise CLIError("the auth plugin is not active; cannot change passwords")
+        # A mistyped name must not create a second account that can log in.
+        if await account(username) is None:
+            raise CLIError(f"no account named {username!r}")
         await set_password(username, password, must_change=False)
 
 

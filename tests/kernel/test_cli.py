@@ -231,6 +231,26 @@ def test_broken_plugin_and_essential_plugin_errors(
     )
 
 
+def test_unusable_data_directory_or_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins = ["--plugin-dir", str(tmp_path / "plugins")]
+    (tmp_path / "a-file").write_text("")
+    code_, out, err = run_cli(
+        capsys, "plugins", "list", "--data-dir", str(tmp_path / "a-file"), *plugins
+    )
+    assert (code_, out) == (1, "")
+    assert err.splitlines()[-1] == f"nekobot: error: {str(tmp_path / 'a-file')!r}: File exists"
+    # An error raised inside the kernel's task group names the error, not the group.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "nekobot.db").write_text("not a database, not even close" * 10)
+    code_, out, err = run_cli(
+        capsys, "plugins", "list", "--data-dir", str(tmp_path / "data"), *plugins
+    )
+    assert (code_, out) == (1, "")
+    assert err.splitlines()[-1].startswith("nekobot: error: unexpected DatabaseError: ")
+
+
 def test_default_directories_and_the_data_dir_variable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,28 @@ def test_reset_password_rejects_short_and_missing_terminal(
     assert not (tmp_path / "data").exists()  # nothing was started or written
 
 
+def test_reset_password_of_an_unknown_account_creates_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("brand-new-secret\n"))
+    argv = ["admin", "reset-password", "--password-stdin", "--username", "nekobto"]
+    assert main([*argv, "--data-dir", str(data)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "nekobot: error: no account named 'nekobto'"
+
+    import anyio
+
+    async def login() -> int:
+        async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+            transport = httpx.ASGITransport(app=kernel.asgi_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                body = {"username": "nekobto", "password": "brand-new-secret"}
+                return (await c.post("/api/login", json=body)).status_code
+
+    assert anyio.run(login) == 401
+
+
 def test_run_refuses_non_loopback_with_default_password(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("nekobot")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kernel"]
