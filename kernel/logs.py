@@ -72,7 +72,11 @@ class KernelLogHandler(logging.Handler):
             self.handleError(record)
 
     def subscribe(self, callback: LogSubscriber) -> Callable[[], None]:
-        """Call `callback` with each new record (it must not block); returns unsubscribe."""
+        """Call `callback` with each new record; returns unsubscribe.
+
+        It is called in the thread that logged (worker threads and the watchdog's too),
+        under the handler's lock: it must not block, and must hop to the event loop itself.
+        """
         self.subscribers.append(callback)
 
         def unsubscribe() -> None:
@@ -80,12 +84,6 @@ class KernelLogHandler(logging.Handler):
                 self.subscribers.remove(callback)
 
         return unsubscribe
-
-
-class _StripTraceback(logging.handlers.QueueHandler):
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = super().prepare(record)  # formats exc_info into the message, drops it
-        return record
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -149,15 +147,20 @@ class KernelLogging:
         self.buffer = KernelLogHandler(kernel_id, maxlen)
         self._log_dir = log_dir
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._queue_handler = _StripTraceback(self._queue)
+        # It formats a traceback into the message and drops exc_info before queueing.
+        self._queue_handler = logging.handlers.QueueHandler(self._queue)
         self._queue_handler.addFilter(self.buffer.filter)
         self._listener: logging.handlers.QueueListener | None = None
 
     def start(self) -> None:
         """Attach the handlers; the file is written by a listener thread, not the loop."""
         self._log_dir.mkdir(parents=True, exist_ok=True)
+        # Numbering goes on from the file's last record: the file holds earlier runs too,
+        # and `seq` orders its records.
+        tail = read_log_file(self.file, max_bytes=64 << 10)
+        self.buffer._seq = max([self.buffer._seq, *(r.seq for r in tail)])
         file_handler = logging.handlers.RotatingFileHandler(
-            self._log_dir / "nekobot.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+            self.file, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
         )
         file_handler.setFormatter(JsonLinesFormatter())
         self._listener = logging.handlers.QueueListener(self._queue, file_handler)

@@ -33,6 +33,18 @@ async def test_records_reach_buffer_and_file_and_are_read_back(tmp_path: Path) -
     assert not any(r.message == "only in b" for r in records)
 
 
+async def test_numbering_goes_on_across_restarts(tmp_path: Path) -> None:
+    # The file keeps earlier runs, and `seq` is what orders its records.
+    async with running_kernel(tmp_path / "data") as kernel:
+        kernel.log.warning("first run")
+    async with running_kernel(tmp_path / "data") as kernel:
+        kernel.log.warning("second run")
+        first = kernel.logging.buffer.records[0].seq
+    seqs = [r.seq for r in read_log_file(tmp_path / "data" / "logs" / "nekobot.log")]
+    assert first > 1
+    assert seqs == sorted(set(seqs))
+
+
 def test_read_log_file_tolerates_torn_and_foreign_lines(tmp_path: Path) -> None:
     path = tmp_path / "x.log"
     good = {
