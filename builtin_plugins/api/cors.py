@@ -10,6 +10,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from builtin_plugins.api.web import RESPONSE_HEADERS
+
 _METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 _EXPOSE = "X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
 
@@ -49,11 +51,15 @@ class CORSMiddleware:
             )(scope, receive, send)
             return
 
+        cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": _EXPOSE}
+        # For the error middleware (outside us) when a route raises: a dashboard must be
+        # able to read why a request failed.
+        scope.setdefault(RESPONSE_HEADERS, {}).update({**cors, "Vary": "Origin"})
+
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
                 out = MutableHeaders(scope=message)
-                out["Access-Control-Allow-Origin"] = origin
-                out["Access-Control-Expose-Headers"] = _EXPOSE
+                out.update(cors)
                 out.add_vary_header("Origin")
             await send(message)
 

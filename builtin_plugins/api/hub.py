@@ -86,11 +86,6 @@ class Subscriber:
         #: Called once when the subscriber is dropped: ends its connection.
         self.on_drop: Callable[[], None] | None = None
 
-    @property
-    def channels(self) -> set[str]:
-        """The channels it is subscribed to."""
-        return set(self.cursors)
-
     def reply(self, message: Mapping[str, Any]) -> None:
         """Queue a message for this connection only (dropped if it piles up)."""
         if self.dropped:
@@ -120,7 +115,6 @@ class Hub:
         self._loop_thread = threading.get_ident()
         self._wake = anyio.Event()
         self._wake_scheduled = False
-        self.published = 0
 
     def channel_exists(self, name: str) -> bool:
         """True for the builtin channels and those plugins contribute."""
@@ -128,14 +122,21 @@ class Hub:
 
     def publish(self, channel: str, data: Any) -> None:
         """Publish `data` on `channel`: O(1) whatever the subscribers; never blocks."""
-        if threading.get_ident() != self._loop_thread:
-            self._loop.call_soon_threadsafe(self.publish, channel, data)
+        if not self.subscribers:
+            return  # a subscriber only gets what is published after it subscribed
+        # Encoded here, in the caller's thread: `data` may change once this returns.
+        text = encode({"type": "message", "channel": channel, "data": data})
+        if threading.get_ident() == self._loop_thread:
+            self._append(channel, text)
             return
-        self.published += 1
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
+            self._loop.call_soon_threadsafe(self._append, channel, text)
+
+    def _append(self, channel: str, text: str) -> None:
         ring = self.rings.get(channel)
         if ring is None:
             ring = self.rings[channel] = ChannelRing()
-        ring.append(encode({"type": "message", "channel": channel, "data": data}))
+        ring.append(text)
         self.wake()
 
     def wake(self) -> None:
@@ -239,13 +240,14 @@ class Hub:
     async def _watch_token(
         self, claims: Mapping[str, Any], sub: Subscriber, cancel: anyio.CancelScope
     ) -> None:
-        """End the connection once its token expires or is revoked (logout)."""
+        """End the connection once its token expires, is revoked (logout) or is voided by
+        a password change: the auth service decides, as for every HTTP request."""
         while True:
-            left = float(claims.get("exp", 0)) - time.time()
-            await anyio.sleep(max(0.0, min(TOKEN_CHECK_SECONDS, left)))
-            service = self.kernel.services.get("auth")
-            revoked = getattr(service, "revoked", {})
-            if time.time() >= float(claims.get("exp", 0)) or claims.get("jti") in revoked:
+            expires = float(claims.get("exp", 0))
+            await anyio.sleep(max(0.0, min(TOKEN_CHECK_SECONDS, expires - time.time())))
+            still_valid = getattr(self.kernel.services.get("auth"), "still_valid", None)
+            valid = still_valid(claims) if still_valid is not None else time.time() < expires
+            if not valid:
                 sub.token_invalid = True
                 cancel.cancel()
                 return
@@ -276,9 +278,15 @@ class Hub:
     async def _reader(self, ws: WebSocket, sub: Subscriber) -> None:
         while True:
             try:
-                text = await ws.receive_text()
-            except (WebSocketDisconnect, KeyError, RuntimeError):
+                message = await ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
                 return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:  # a binary frame: an error, not the end of the connection
+                sub.reply({"type": "error", "message": "frames must be text (JSON)"})
+                continue
             try:
                 frame = loads(text)
             except ValueError:

@@ -231,15 +231,21 @@ class AuthService:
             if len(self._checked) >= _CHECKED_TOKENS:
                 self._checked.pop(next(iter(self._checked)))
             self._checked[token] = claims
-        if claims["jti"] in self.revoked:
-            return None
+        # A copy: the cached claims must not change with what a caller does to its own.
+        return dict(claims) if self.still_valid(claims) else None
+
+    def still_valid(self, claims: Mapping[str, Any]) -> bool:
+        """False once verified claims expired, were revoked (logout) or predate their
+        account's last password change; an open WebSocket is checked by this too."""
         try:
-            issued = float(claims["iat"])
-        except (TypeError, ValueError):
-            return None
-        if issued < self.not_before.get(str(claims["sub"]), 0):
-            return None
-        return claims
+            expires, issued = float(claims["exp"]), float(claims["iat"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return (
+            expires > time.time()
+            and claims.get("jti") not in self.revoked
+            and issued >= self.not_before.get(str(claims.get("sub")), 0)
+        )
 
     async def revoke(self, claims: Mapping[str, Any]) -> None:
         """Revoke a token until it expires (persisted)."""

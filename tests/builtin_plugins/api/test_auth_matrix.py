@@ -242,6 +242,23 @@ async def test_ws_is_closed_when_its_token_is_revoked_or_expires(
         assert await close_code(ws) == 4401
 
 
+async def test_ws_is_closed_when_a_password_change_voids_its_token(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub, "TOKEN_CHECK_SECONDS", 0.05)
+    leaked = jwt.encode(claims(iat=int(time.time()) - 5), secret(api), algorithm="HS256")
+    async with websockets.connect(
+        ws_url(api), additional_headers={"Authorization": f"Bearer {leaked}"}
+    ) as ws:
+        await ws.send(json.dumps({"action": "ping"}))
+        with anyio.fail_after(5):
+            assert json.loads(await ws.recv()) == {"type": "pong"}
+        async with api.authed() as c:
+            body = {"old_password": "nekobot", "new_password": "a-much-better-one"}
+            assert (await c.put("/api/account/password", json=body)).status_code == 200
+        assert await close_code(ws) == 4401
+
+
 async def test_account_and_password_change_over_the_server(api: ApiServer) -> None:
     # A token issued a while ago (say, one that leaked).
     earlier = int(time.time()) - 5

@@ -47,3 +47,18 @@ async def test_preflight_needs_no_token(api: ApiServer) -> None:
             headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"},
         )
         assert "access-control-allow-origin" not in r.headers
+
+
+async def test_error_answers_carry_cors_headers_too(api: ApiServer) -> None:
+    """A dashboard on an allowed origin must be able to read why a request failed."""
+    async with api.authed() as c:
+        await c.put("/api/settings", json={"cors_origins": [ORIGIN]})
+        for method, path, body in (
+            ("PUT", "/api/settings", {"no_such_setting": 1}),  # raised by the route
+            ("POST", "/api/plugins/enable", {"name": "zz_no_such_plugin"}),  # by the kernel
+            ("GET", "/api/no/such/route", None),  # by the router
+        ):
+            r = await c.request(method, path, json=body, headers={"Origin": ORIGIN})
+            assert r.status_code >= 400, (path, r.status_code)
+            assert r.headers.get("access-control-allow-origin") == ORIGIN, (path, r.headers)
+            assert "X-RateLimit-Remaining" in r.headers["access-control-expose-headers"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -431,3 +432,43 @@ async def test_events_channel_reports_failures_config_and_conflicts(api: ApiServ
         await recv_until(ws, event("settings.changed"))
         assert (await c.put("/api/bot/config", json={"wake_words": ["z"]})).is_success
         await recv_until(ws, event("bot_config.changed"))
+
+
+async def test_a_binary_frame_is_an_error_not_the_end(api: ApiServer) -> None:
+    async with connect(api) as ws:
+        await ws.send(b"\x00\x01")
+        message = await recv_until(ws, lambda m: True)
+        assert message["type"] == "error" and "text" in message["message"], message
+        await send(ws, {"action": "ping"})
+        assert await recv_until(ws, lambda m: True) == {"type": "pong"}
+
+
+async def test_a_message_published_from_a_thread_is_what_was_published(api: ApiServer) -> None:
+    hub = api.kernel.services.get("ws.hub")
+    assert isinstance(hub, Hub)
+    async with connect(api) as ws:
+        await subscribe(ws, "events")
+
+        def publish_then_change() -> None:
+            data = {"zws_n": 1}
+            hub.publish("events", data)
+            data["zws_n"] = 2  # the caller's own object: the message must not follow it
+
+        # Joined without awaiting: the loop runs nothing until the thread is done.
+        thread = threading.Thread(target=publish_then_change)
+        thread.start()
+        thread.join()
+        message = await recv_until(ws, lambda m: "zws_n" in m.get("data", {}))
+        assert message["data"] == {"zws_n": 1}
+
+
+async def test_nothing_is_kept_while_nobody_listens(api: ApiServer) -> None:
+    hub = api.kernel.services.get("ws.hub")
+    assert isinstance(hub, Hub)
+    log.warning("zws: nobody listens")
+    assert hub.rings == {}  # a subscriber only gets what comes after it subscribed
+    async with connect(api) as ws:
+        await subscribe(ws, "logs")
+        log.warning("zws: somebody listens")
+        message = await recv_until(ws, lambda m: m["type"] == "message")
+        assert "zws: somebody listens" in message["data"]["message"]

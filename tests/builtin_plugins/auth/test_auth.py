@@ -121,27 +121,22 @@ async def test_logout_revokes_and_survives_restart(tmp_path: Path) -> None:
 
 async def test_password_change(client: httpx.AsyncClient) -> None:
     token = (await _login(client)).json()["access_token"]
-    auth = {"Authorization": f"Bearer {token}"}
-    r = await client.put(
-        "/api/account/password",
-        headers=auth,
-        json={"old_password": "nope", "new_password": "long-enough-1"},
-    )
-    assert r.status_code == 400
-    assert r.json()["details"]["field"] == "old_password"
-    r = await client.put(
-        "/api/account/password",
-        headers=auth,
-        json={"old_password": "nekobot", "new_password": "short"},
-    )
-    assert r.status_code == 400
-    assert r.json()["details"]["field"] == "new_password"
-    r = await client.put(
-        "/api/account/password",
-        headers=auth,
-        json={"old_password": "nekobot", "new_password": "long-enough-1"},
-    )
-    assert r.status_code == 200
+
+    async def change(old: str, new: str) -> httpx.Response:
+        return await client.put(
+            "/api/account/password",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"old_password": old, "new_password": new},
+        )
+
+    for old_password, new_password, field in (
+        ("nope", "long-enough-1", "old_password"),
+        ("nekobot", "short", "new_password"),
+    ):
+        r = await change(old_password, new_password)
+        assert r.status_code == 400
+        assert r.json()["details"]["field"] == field
+    assert (await change("nekobot", "long-enough-1")).status_code == 200
     assert (await _login(client)).status_code == 401
     r = await _login(client, "long-enough-1")
     assert r.status_code == 200
@@ -191,3 +186,15 @@ async def test_trailing_slash_is_a_404_envelope_not_a_redirect(client: httpx.Asy
     r = await client.get("/api/health/")
     assert r.status_code == 404
     assert r.json()["code"] == "not_found"
+
+
+async def test_verified_claims_are_the_callers_own(kernel: Kernel) -> None:
+    auth = kernel.services.get("auth")
+    token, _ = auth.issue("nekobot")
+    claims = auth.verify(token)
+    assert claims is not None
+    claims["sub"] = "mallory"  # a route that changes the principal it was given
+    del claims["jti"]
+    again = auth.verify(token)  # the signature check is cached: the cache must not change
+    assert again is not None
+    assert again["sub"] == "nekobot" and "jti" in again
