@@ -4,7 +4,7 @@ so that it describes plugin routes too and follows plugins as they come and go."
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -25,6 +25,21 @@ _ERROR_STATUSES = {
     "429": "Rate limited",
     "503": "Temporarily unavailable",
 }
+
+STR: dict[str, Any] = {"type": "string"}
+BOOL: dict[str, Any] = {"type": "boolean"}
+NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
+STR_LIST: dict[str, Any] = {"type": "array", "items": STR}
+
+
+def obj(properties: Mapping[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
+    """The schema of a JSON object with `properties`, the `required` ones listed."""
+    out: dict[str, Any] = {"type": "object"}
+    if required:
+        out["required"] = list(required)
+    out["properties"] = dict(properties)
+    return out
+
 
 COMPONENTS: dict[str, Any] = {
     "schemas": {
@@ -47,89 +62,77 @@ COMPONENTS: dict[str, Any] = {
     "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
 }
 
-_NULLABLE_STR = {"type": ["string", "null"]}
-_STR_LIST = {"type": "array", "items": {"type": "string"}}
 COMPONENTS["schemas"].update(
     {
-        "Plugin": {
-            "type": "object",
-            "required": ["name", "version", "source", "essential", "state", "enabled"],
-            "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "description": {"type": "string"},
-                "author": {"type": "string"},
+        "Plugin": obj(
+            {
+                "name": STR,
+                "version": STR,
+                "description": STR,
+                "author": STR,
                 "source": {"enum": ["builtin", "entrypoint", "user"]},
-                "essential": {"type": "boolean"},
-                "state": {"type": "string"},
-                "error": _NULLABLE_STR,
-                "enabled": {"type": "boolean"},
-                "commands": _STR_LIST,
-                "routes": _STR_LIST,
-                "hooks": _STR_LIST,
+                "essential": BOOL,
+                "state": STR,
+                "error": NULLABLE_STR,
+                "enabled": BOOL,
+                "commands": STR_LIST,
+                "routes": STR_LIST,
+                "hooks": STR_LIST,
                 "loaded_at": {"type": ["number", "null"]},
                 "reload_count": {"type": "integer", "minimum": 0},
             },
-        },
-        "Conflict": {
-            "type": "object",
-            "required": ["key", "candidates", "holder", "resolution"],
-            "properties": {
-                "key": {"type": "string"},
+            ("name", "version", "source", "essential", "state", "enabled"),
+        ),
+        "Conflict": obj(
+            {
+                "key": STR,
                 "candidates": {
                     "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["plugin", "qualified_name"],
-                        "properties": {
-                            "plugin": {"type": "string"},
-                            "qualified_name": {"type": "string"},
-                        },
-                    },
+                    "items": obj(
+                        {"plugin": STR, "qualified_name": STR}, ("plugin", "qualified_name")
+                    ),
                 },
-                "holder": {"type": "string"},
-                "resolution": _NULLABLE_STR,
+                "holder": STR,
+                "resolution": NULLABLE_STR,
             },
-        },
-        "OperationResult": {
-            "type": "object",
-            "required": ["plugin", "conflicts", "changed"],
-            "properties": {
+            ("key", "candidates", "holder", "resolution"),
+        ),
+        "OperationResult": obj(
+            {
                 "plugin": {"$ref": "#/components/schemas/Plugin"},
                 "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
-                "changed": {"type": "boolean"},
+                "changed": BOOL,
             },
-        },
-        "Command": {
-            "type": "object",
-            "required": ["name", "qualified_name", "plugin", "holds_name"],
-            "properties": {
-                "name": {"type": "string"},
-                "aliases": _STR_LIST,
-                "admin_aliases": _STR_LIST,
-                "qualified_name": {"type": "string"},
-                "plugin": {"type": "string"},
-                "description": {"type": "string"},
-                "usage": {"type": "string"},
+            ("plugin", "conflicts", "changed"),
+        ),
+        "Command": obj(
+            {
+                "name": STR,
+                "aliases": STR_LIST,
+                "admin_aliases": STR_LIST,
+                "qualified_name": STR,
+                "plugin": STR,
+                "description": STR,
+                "usage": STR,
                 "permission": {},
-                "platforms": {"type": ["array", "null"], "items": {"type": "string"}},
-                "enabled": {"type": "boolean"},
-                "holds_name": {"type": "boolean"},
+                "platforms": {"type": ["array", "null"], "items": STR},
+                "enabled": BOOL,
+                "holds_name": BOOL,
             },
-        },
-        "LogRecord": {
-            "type": "object",
-            "required": ["seq", "time", "level", "logger", "plugin", "message"],
-            "properties": {
+            ("name", "qualified_name", "plugin", "holds_name"),
+        ),
+        "LogRecord": obj(
+            {
                 "seq": {"type": "integer"},
                 "time": {"type": "number"},
-                "level": {"type": "string"},
-                "logger": {"type": "string"},
-                "plugin": _NULLABLE_STR,
-                "message": {"type": "string"},
-                "exc_text": _NULLABLE_STR,
+                "level": STR,
+                "logger": STR,
+                "plugin": NULLABLE_STR,
+                "message": STR,
+                "exc_text": NULLABLE_STR,
             },
-        },
+            ("seq", "time", "level", "logger", "plugin", "message"),
+        ),
     }
 )
 

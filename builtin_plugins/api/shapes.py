@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from kernel.commands import CommandEntry
@@ -40,7 +39,6 @@ def conflict_json(conflict: CommandConflict) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=512)  # PluginInfo is frozen; callers must not mutate the result
 def plugin_json(info: PluginInfo) -> dict[str, Any]:
     """One plugin as the API shows it."""
     if info.state is PluginState.ACTIVE:

@@ -203,6 +203,24 @@ def loads(raw: bytes | str) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+def _object(raw: bytes) -> dict[str, Any]:
+    """`raw` as a JSON object (400 naming the body otherwise)."""
+    try:
+        body = loads(raw) if raw else None
+    except ValueError:
+        raise ApiError(
+            400, "request body is not valid JSON", "invalid_json", {"field": "body"}
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", "invalid_body", {"field": "body"})
+    return body
+
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object, unchecked (for bodies the kernel validates itself)."""
+    return _object(await request.body())
+
+
 async def read_json(
     request: Request,
     fields: Mapping[str, type | tuple[type, ...]],
@@ -219,23 +237,15 @@ async def read_json(
                 {"field": required[0]},
             )
         return {}
-    try:
-        body = loads(raw)
-    except ValueError:
-        raise ApiError(
-            400, "request body is not valid JSON", "invalid_json", {"field": "body"}
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", "invalid_body", {"field": "body"})
+    body = _object(raw)
     for key, value in body.items():
         expected = fields.get(key)
         if expected is None:
             raise ApiError(400, f"unknown field {key!r}", "unknown_field", {"field": key})
-        if isinstance(value, bool) and bool not in _as_tuple(expected):
-            raise ApiError(
-                400, f"field {key!r} has the wrong type", "invalid_field", {"field": key}
-            )
-        if not isinstance(value, expected):
+        # bool is an int to isinstance, but `true` is no number to a client.
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and bool not in _as_tuple(expected)
+        ):
             raise ApiError(
                 400, f"field {key!r} has the wrong type", "invalid_field", {"field": key}
             )
@@ -275,6 +285,20 @@ def int_param(
             400, f"query parameter {name!r} must be {bound}", "invalid_field", {"field": name}
         )
     return value
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+def flag(raw: Any, field: str) -> bool:
+    """A boolean given as JSON, a query parameter or a form field (`true`/`false`, `1`/`0`,
+    `yes`/`no`, `on`/`off`; absent is false); anything else is a 400 naming `field`."""
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    if isinstance(raw, str) and raw.lower() in (*_TRUE, *_FALSE):
+        return raw.lower() in _TRUE
+    raise ApiError(400, f"{field} must be true or false", "invalid_field", {"field": field})
 
 
 PAGE_PARAMS = ("page", "page_size", "sort_by", "order")
@@ -390,38 +414,4 @@ def unmask_config(new: Any, stored: Any, schema: Mapping[str, Any] | None) -> An
             out[key] = previous
         else:
             out[key] = unmask_config(value, previous, prop if isinstance(prop, Mapping) else None)
-    return out
-
-
-def secret_fields(schema: Mapping[str, Any] | None) -> set[str]:
-    """Top-level properties a JSON Schema marks secret (`writeOnly`, `format: password`,
-    or `x-secret`)."""
-    if not schema:
-        return set()
-    out = set()
-    for key, prop in dict(schema.get("properties", {})).items():
-        if isinstance(prop, Mapping) and (
-            prop.get("writeOnly") or prop.get("format") == "password" or prop.get("x-secret")
-        ):
-            out.add(key)
-    return out
-
-
-def masked(config: Mapping[str, Any], secrets_: set[str]) -> dict[str, Any]:
-    """`config` with its secret string values masked."""
-    return {
-        k: mask_secret(v) if k in secrets_ and isinstance(v, str) and v else v
-        for k, v in config.items()
-    }
-
-
-def unmasked(
-    new: Mapping[str, Any], stored: Mapping[str, Any], secrets_: set[str]
-) -> dict[str, Any]:
-    """`new` where a secret written back in its masked form keeps the stored secret."""
-    out = dict(new)
-    for key in secrets_:
-        old = stored.get(key)
-        if isinstance(old, str) and out.get(key) == mask_secret(old):
-            out[key] = old
     return out

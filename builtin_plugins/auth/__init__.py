@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from builtin_plugins.api.openapi import json_body, operation, returns
+from builtin_plugins.api.openapi import BOOL, STR, json_body, obj, operation, returns
 from builtin_plugins.api.web import ApiError, read_json, success
 from builtin_plugins.auth.service import AuthService, load_secret
 from kernel import MiddlewareSpec, PluginContext, RouteSpec, hookimpl
@@ -178,26 +178,17 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             name="login",
             summary="Log in and get a bearer token",
             openapi=operation(
-                json_body(
-                    {"username": {"type": "string"}, "password": {"type": "string"}},
-                    ("username", "password"),
-                ),
+                json_body({"username": STR, "password": STR}, ("username", "password")),
                 returns(
-                    {
-                        "type": "object",
-                        "required": [
-                            "access_token",
-                            "token_type",
-                            "expires_in",
-                            "must_change_password",
-                        ],
-                        "properties": {
-                            "access_token": {"type": "string"},
+                    obj(
+                        {
+                            "access_token": STR,
                             "token_type": {"const": "bearer"},
                             "expires_in": {"type": "integer"},
-                            "must_change_password": {"type": "boolean"},
+                            "must_change_password": BOOL,
                         },
-                    }
+                        ("access_token", "token_type", "expires_in", "must_change_password"),
+                    )
                 ),
             ),
         ),
@@ -207,9 +198,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             methods=("POST",),
             name="logout",
             summary="Revoke the current token",
-            openapi=returns(
-                {"type": "object", "properties": {"revoked": {"const": True}}},
-            ),
+            openapi=returns(obj({"revoked": {"const": True}})),
         ),
         RouteSpec(
             "/api/account",
@@ -218,14 +207,10 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             name="account",
             summary="The current account",
             openapi=returns(
-                {
-                    "type": "object",
-                    "required": ["username", "must_change_password"],
-                    "properties": {
-                        "username": {"type": "string"},
-                        "must_change_password": {"type": "boolean"},
-                    },
-                }
+                obj(
+                    {"username": STR, "must_change_password": BOOL},
+                    ("username", "must_change_password"),
+                )
             ),
         ),
         RouteSpec(
@@ -236,13 +221,10 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Change the current account's password",
             openapi=operation(
                 json_body(
-                    {
-                        "old_password": {"type": "string"},
-                        "new_password": {"type": "string", "minLength": 8},
-                    },
+                    {"old_password": STR, "new_password": {**STR, "minLength": 8}},
                     ("old_password", "new_password"),
                 ),
-                returns({"type": "object", "properties": {"changed": {"const": True}}}),
+                returns(obj({"changed": {"const": True}})),
             ),
         ),
     ]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from builtin_plugins.api.openapi import (
+    NULLABLE_STR,
+    STR,
     json_body,
+    obj,
     operation,
     page_of,
     page_params,
@@ -20,6 +24,21 @@ from builtin_plugins.api.openapi import (
 from builtin_plugins.api.shapes import command_json, conflict_json
 from builtin_plugins.api.web import PAGE_PARAMS, ApiError, check_query, paginate, read_json, success
 from kernel import KernelEvent, RouteSpec, hookimpl
+from kernel.commands import normalize_key
+from kernel.errors import NekoError
+
+
+@contextmanager
+def _registry_errors(*, invalid: str, missing: str) -> Iterator[None]:
+    """The registry's errors as answers: a name that cannot be a command key is a 400
+    naming `invalid`; what the registry does not know (a NekoError) is a 404 naming
+    `missing`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_field", {"field": invalid}) from None
+    except NekoError as exc:
+        raise ApiError(404, exc.message, "not_found", {"field": missing}) from None
 
 
 async def list_commands(request: Request) -> JSONResponse:
@@ -57,20 +76,14 @@ async def resolve_conflict(request: Request) -> JSONResponse:
     body = await read_json(
         request, {"key": str, "plugin": (str, type(None))}, required=("key", "plugin")
     )
-    from kernel.errors import NekoError
-
-    try:
+    with _registry_errors(invalid="key", missing="plugin"):
+        key = normalize_key(body["key"])
         if body["plugin"] is None:
-            kernel.commands.unresolve(body["key"])
+            kernel.commands.unresolve(key)
         else:
-            kernel.commands.resolve(body["key"], body["plugin"])
-    except ValueError as exc:
-        raise ApiError(400, str(exc), "invalid_field", {"field": "key"}) from None
-    except NekoError as exc:
-        raise ApiError(404, exc.message, "not_found", {"field": "plugin"}) from None
+            kernel.commands.resolve(key, body["plugin"])
     await kernel.persist_commands()
     await kernel.emit(KernelEvent("command.conflict_resolved", body))
-    key = body["key"].strip().casefold()
     current = [c for c in kernel.commands.conflicts() if c.key == key]
     return success(
         {
@@ -86,16 +99,10 @@ async def add_alias(request: Request) -> JSONResponse:
     check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
     body = await read_json(request, {"alias": str, "command": str}, required=("alias", "command"))
-    from kernel.errors import NekoError
-
-    try:
-        kernel.commands.add_alias(body["alias"], body["command"])
-    except ValueError as exc:
-        raise ApiError(400, str(exc), "invalid_field", {"field": "alias"}) from None
-    except NekoError as exc:
-        raise ApiError(404, exc.message, "not_found", {"field": "command"}) from None
+    with _registry_errors(invalid="alias", missing="command"):
+        key = normalize_key(body["alias"])
+        kernel.commands.add_alias(key, body["command"])
     await kernel.persist_commands()
-    key = body["alias"].strip().casefold()
     return success(
         {
             "alias": key,
@@ -111,19 +118,11 @@ async def remove_alias(request: Request) -> JSONResponse:
     check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
     body = await read_json(request, {"alias": str}, required=("alias",))
-    from kernel.errors import NekoError
-
-    try:
-        kernel.commands.remove_alias(body["alias"])
-    except ValueError as exc:
-        raise ApiError(400, str(exc), "invalid_field", {"field": "alias"}) from None
-    except NekoError as exc:
-        raise ApiError(404, exc.message, "not_found", {"field": "alias"}) from None
+    with _registry_errors(invalid="alias", missing="alias"):
+        key = normalize_key(body["alias"])
+        kernel.commands.remove_alias(key)
     await kernel.persist_commands()
-    return success({"removed": body["alias"].strip().casefold()})
-
-
-_STR = {"type": "string"}
+    return success({"removed": key})
 
 
 @hookimpl
@@ -136,7 +135,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Every registered command",
             openapi=operation(
                 {"parameters": page_params(("name", "plugin", "qualified_name"), "name")},
-                query(param("plugin", _STR, description="only this plugin's commands")),
+                query(param("plugin", STR, description="only this plugin's commands")),
                 returns(page_of(ref("Command"))),
             ),
         ),
@@ -157,17 +156,16 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             name="resolve_command_conflict",
             summary="Choose which plugin holds a name",
             openapi=operation(
-                json_body({"key": _STR, "plugin": {"type": ["string", "null"]}}, ("key", "plugin")),
+                json_body({"key": STR, "plugin": NULLABLE_STR}, ("key", "plugin")),
                 returns(
-                    {
-                        "type": "object",
-                        "required": ["key", "holder", "conflict"],
-                        "properties": {
-                            "key": _STR,
-                            "holder": {"type": ["string", "null"]},
+                    obj(
+                        {
+                            "key": STR,
+                            "holder": NULLABLE_STR,
                             "conflict": {"oneOf": [ref("Conflict"), {"type": "null"}]},
                         },
-                    }
+                        ("key", "holder", "conflict"),
+                    )
                 ),
             ),
         ),
@@ -180,21 +178,16 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             openapi=operation(
                 json_body(
                     {
-                        "alias": _STR,
-                        "command": {**_STR, "description": "qualified name, plugin:command"},
+                        "alias": STR,
+                        "command": {**STR, "description": "qualified name, plugin:command"},
                     },
                     ("alias", "command"),
                 ),
                 returns(
-                    {
-                        "type": "object",
-                        "required": ["alias", "command", "holder"],
-                        "properties": {
-                            "alias": _STR,
-                            "command": _STR,
-                            "holder": {"type": ["string", "null"]},
-                        },
-                    }
+                    obj(
+                        {"alias": STR, "command": STR, "holder": NULLABLE_STR},
+                        ("alias", "command", "holder"),
+                    )
                 ),
             ),
         ),
@@ -205,8 +198,8 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             name="remove_command_alias",
             summary="Remove an admin-added alias",
             openapi=operation(
-                json_body({"alias": _STR}, ("alias",)),
-                returns({"type": "object", "properties": {"removed": _STR}}),
+                json_body({"alias": STR}, ("alias",)),
+                returns(obj({"removed": STR})),
             ),
         ),
     ]

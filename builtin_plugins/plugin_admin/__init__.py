@@ -10,7 +10,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from builtin_plugins.api.openapi import (
+    STR,
+    STR_LIST,
     json_body,
+    obj,
     operation,
     page_of,
     page_params,
@@ -24,6 +27,7 @@ from builtin_plugins.api.web import (
     PAGE_PARAMS,
     ApiError,
     check_query,
+    flag,
     mask_config,
     paginate,
     read_json,
@@ -113,14 +117,6 @@ async def rescan(request: Request) -> JSONResponse:
     return success({"added": sorted(added)})
 
 
-def _flag(raw: Any, field: str) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return raw.lower() in ("true", "1", "yes")
-    raise ApiError(400, f"{field} must be true or false", "invalid_field", {"field": field})
-
-
 async def delete(request: Request) -> JSONResponse:
     """`DELETE /api/plugins/delete?name=` (or JSON body); `keep_data` keeps its storage."""
     check_query(request, ("name", "keep_data"))
@@ -129,7 +125,7 @@ async def delete(request: Request) -> JSONResponse:
     name = request.query_params.get("name") or body.get("name")
     if not name:
         raise ApiError(400, "field 'name' is required", "missing_field", {"field": "name"})
-    keep = _flag(request.query_params.get("keep_data", body.get("keep_data", False)), "keep_data")
+    keep = flag(request.query_params.get("keep_data", body.get("keep_data")), "keep_data")
     result = await kernel.plugins.delete(name, keep_data=keep)
     return success({**result_json(result), "deleted": True, "data_kept": keep})
 
@@ -162,18 +158,13 @@ async def put_config(request: Request) -> JSONResponse:
     return success({"name": name, "config": mask_config(full, schema), "schema": schema})
 
 
-_NAME = {"type": "string", "description": "plugin name"}
+_NAME = {**STR, "description": "plugin name"}
 _BY_NAME = operation(json_body({"name": _NAME}, ("name",)), returns(ref("OperationResult")))
 _CONFIG = returns(
-    {
-        "type": "object",
-        "required": ["name", "config", "schema"],
-        "properties": {
-            "name": {"type": "string"},
-            "config": {"type": "object"},
-            "schema": {"type": ["object", "null"]},
-        },
-    }
+    obj(
+        {"name": STR, "config": {"type": "object"}, "schema": {"type": ["object", "null"]}},
+        ("name", "config", "schema"),
+    )
 )
 
 
@@ -226,11 +217,10 @@ def nekobot_routes() -> Iterable[RouteSpec]:
                 _BY_NAME,
                 # Reloading plugin_admin itself is scheduled: 202 once this request left.
                 returns(
-                    {
-                        "type": "object",
-                        "required": ["plugin", "scheduled"],
-                        "properties": {"plugin": ref("Plugin"), "scheduled": {"const": True}},
-                    },
+                    obj(
+                        {"plugin": ref("Plugin"), "scheduled": {"const": True}},
+                        ("plugin", "scheduled"),
+                    ),
                     status="202",
                 ),
             ),
@@ -243,13 +233,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Pick up plugins copied into a plugin directory",
             openapi=operation(
                 json_body({}, optional=True),
-                returns(
-                    {
-                        "type": "object",
-                        "required": ["added"],
-                        "properties": {"added": {"type": "array", "items": {"type": "string"}}},
-                    }
-                ),
+                returns(obj({"added": STR_LIST}, ("added",))),
             ),
         ),
         RouteSpec(

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message
 
-from builtin_plugins.api.openapi import operation, ref, returns
+from builtin_plugins.api.openapi import BOOL, STR, obj, operation, ref, returns
 from builtin_plugins.api.shapes import conflict_json, plugin_json
-from builtin_plugins.api.web import ApiError, success
+from builtin_plugins.api.web import ApiError, flag, success
 
 _FIELDS = ("file", "enable", "overwrite", "dry_run")
 _FLAG = {"type": "boolean", "default": False}
@@ -42,20 +40,19 @@ UPLOAD_OPENAPI = operation(
         }
     },
     returns(
-        {
-            "type": "object",
-            "required": ["name", "manifest", "dry_run", "installed", "enabled", "conflicts"],
-            "properties": {
-                "name": {"type": "string"},
+        obj(
+            {
+                "name": STR,
                 "manifest": {"type": "object"},
-                "dry_run": {"type": "boolean"},
-                "installed": {"type": "boolean"},
-                "enabled": {"type": "boolean"},
-                "replaced": {"type": "boolean"},
+                "dry_run": BOOL,
+                "installed": BOOL,
+                "enabled": BOOL,
+                "replaced": BOOL,
                 "conflicts": {"type": "array", "items": ref("Conflict")},
                 "plugin": {"oneOf": [ref("Plugin"), {"type": "null"}]},
             },
-        }
+            ("name", "manifest", "dry_run", "installed", "enabled", "conflicts"),
+        )
     ),
 )
 _OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
@@ -74,25 +71,6 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"upload larger than {limit} bytes", "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _flag(form: Any, field: str) -> bool:
-    raw = form.get(field)
-    if raw is None:
-        return False
-    if isinstance(raw, str) and raw.lower() in (
-        "true",
-        "1",
-        "yes",
-        "on",
-        "false",
-        "0",
-        "no",
-        "off",
-        "",
-    ):
-        return raw.lower() in ("true", "1", "yes", "on")
-    raise ApiError(400, f"{field} must be true or false", "invalid_field", {"field": field})
 
 
 async def upload_plugin(request: Request) -> JSONResponse:
@@ -136,7 +114,7 @@ async def upload_plugin(request: Request) -> JSONResponse:
                 400, "field 'file' (a zip file) is required", "missing_field", {"field": "file"}
             )
         data = await upload.read()
-        flags = {f: _flag(form, f) for f in ("enable", "overwrite", "dry_run")}
+        flags = {f: flag(form.get(f), f) for f in ("enable", "overwrite", "dry_run")}
     finally:
         # FormData is no context manager: close its spooled files ourselves.
         await form.close()

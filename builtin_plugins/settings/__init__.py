@@ -9,22 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from builtin_plugins.api.openapi import operation, returns
-from builtin_plugins.api.web import ApiError, check_query, loads, success
+from builtin_plugins.api.web import check_query, read_object, success
 from kernel import RouteSpec, hookimpl
 from kernel.settings import BOT_CONFIG_SCHEMA, RESTART_REQUIRED, SETTINGS_SCHEMA, to_json
-
-
-async def _object_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = loads(raw) if raw else None
-    except ValueError:
-        raise ApiError(
-            400, "request body is not valid JSON", "invalid_json", {"field": "body"}
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", "invalid_body", {"field": "body"})
-    return body
 
 
 async def get_bot_config(request: Request) -> JSONResponse:
@@ -37,7 +24,7 @@ async def put_bot_config(request: Request) -> JSONResponse:
     """`PUT /api/bot/config`: merge a partial object, validate, store, apply."""
     check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
-    new = await kernel.update_bot_config(await _object_body(request))
+    new = await kernel.update_bot_config(await read_object(request))
     return success(to_json(new))
 
 
@@ -51,7 +38,7 @@ async def put_settings(request: Request) -> JSONResponse:
     """`PUT /api/settings`: merge, validate, store, apply; says which need a restart."""
     check_query(request, ())
     kernel = request.scope["nekobot.kernel"]
-    body = await _object_body(request)
+    body = await read_object(request)
     new = await kernel.update_settings(body)
     data = to_json(new)
     data["restart_required"] = sorted(k for k in body if k in RESTART_REQUIRED)
@@ -82,41 +69,48 @@ def _object(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
     )
 
 
+def _get_and_put(
+    path: str, name: str, what: str, schema: dict[str, Any], get: Any, put: Any, **extra: Any
+) -> list[RouteSpec]:
+    """`GET` the whole object at `path`, `PUT` a partial one."""
+    return [
+        RouteSpec(
+            path,
+            get,
+            methods=("GET",),
+            name=f"get_{name}",
+            summary=f"Get the {what}",
+            openapi=_full(schema),
+        ),
+        RouteSpec(
+            path,
+            put,
+            methods=("PUT",),
+            name=f"put_{name}",
+            summary=f"Update the {what} (partial)",
+            openapi=_object(schema, **extra),
+        ),
+    ]
+
+
 @hookimpl
 def nekobot_routes() -> Iterable[RouteSpec]:
     return [
-        RouteSpec(
+        *_get_and_put(
             "/api/bot/config",
+            "bot_config",
+            "bot configuration",
+            BOT_CONFIG_SCHEMA,
             get_bot_config,
-            methods=("GET",),
-            name="get_bot_config",
-            summary="Get the bot configuration",
-            openapi=_full(BOT_CONFIG_SCHEMA),
-        ),
-        RouteSpec(
-            "/api/bot/config",
             put_bot_config,
-            methods=("PUT",),
-            name="put_bot_config",
-            summary="Update the bot configuration (partial)",
-            openapi=_object(BOT_CONFIG_SCHEMA),
         ),
-        RouteSpec(
+        *_get_and_put(
             "/api/settings",
+            "settings",
+            "server settings",
+            SETTINGS_SCHEMA,
             get_settings,
-            methods=("GET",),
-            name="get_settings",
-            summary="Get the server settings",
-            openapi=_full(SETTINGS_SCHEMA),
-        ),
-        RouteSpec(
-            "/api/settings",
             put_settings,
-            methods=("PUT",),
-            name="put_settings",
-            summary="Update the server settings (partial)",
-            openapi=_object(
-                SETTINGS_SCHEMA, restart_required={"type": "array", "items": {"type": "string"}}
-            ),
+            restart_required={"type": "array", "items": {"type": "string"}},
         ),
     ]
