@@ -78,9 +78,8 @@ async def api(tmp_path: Path) -> AsyncIterator[ApiServer]:
     )
     async with Kernel(config) as kernel:
         port = free_port()
+        # The admin token straight from the auth service: a login over HTTP costs two
+        # scrypt runs (~0.1 s) per test; the tests of login itself log in themselves.
+        token, _ = kernel.services.get("auth").issue("nekobot")
         async for _ in serve(kernel, port):
-            base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(base_url=base) as c:
-                r = await c.post("/api/login", json={"username": "nekobot", "password": "nekobot"})
-                token = r.json()["access_token"]
-            yield ApiServer(kernel, base, token, plugin_dir)
+            yield ApiServer(kernel, f"http://127.0.0.1:{port}", token, plugin_dir)

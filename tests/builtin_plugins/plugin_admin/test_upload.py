@@ -249,64 +249,59 @@ async def test_overwrite_semantics(api: ApiServer) -> None:
 
 P = "zzup_evil"
 
+
+def evil(*extra: Entry, level: int = 6) -> bytes:
+    """A zip of the package `P` plus the hostile `extra` entries."""
+    return make_zip(package(P, "", *extra), level=level)
+
+
 #: (archive, expected status, phrases the message must contain)
 CORPUS: dict[str, tuple[bytes, int, tuple[str, ...]]] = {
-    "parent traversal": (make_zip(package(P, "", ("../x", b"x"))), 400, ("'..'",)),
+    "parent traversal": (evil(("../x", b"x")), 400, ("'..'",)),
     "nested traversal": (
-        make_zip(package(P, "", (f"{P}/../../outside.py", b"x"))),
+        evil((f"{P}/../../outside.py", b"x")),
         400,
         ("escapes the plugin directory",),
     ),
-    "absolute path": (make_zip(package(P, "", ("/abs/x.py", b"x"))), 400, ("absolute path",)),
-    "drive letter": (make_zip(package(P, "", ("C:/x.py", b"x"))), 400, ("drive letter",)),
-    "windows path": (make_zip(package(P, "", ("C:\\x", b"x"))), 400, ("backslash",)),
+    "absolute path": (evil(("/abs/x.py", b"x")), 400, ("absolute path",)),
+    "drive letter": (evil(("C:/x.py", b"x")), 400, ("drive letter",)),
+    "windows path": (evil(("C:\\x", b"x")), 400, ("backslash",)),
     "backslashes": (
-        make_zip(package(P, "", (f"{P}\\..\\..\\evil.py", b"x"))),
+        evil((f"{P}\\..\\..\\evil.py", b"x")),
         400,
         ("backslash",),
     ),
     "symlink": (
-        make_zip(package(P, "", (special(f"{P}/link", stat.S_IFLNK | 0o777), b"/etc/passwd"))),
+        evil((special(f"{P}/link", stat.S_IFLNK | 0o777), b"/etc/passwd")),
         400,
         ("symbolic link",),
     ),
-    "character device": (
-        make_zip(package(P, "", (special(f"{P}/dev", stat.S_IFCHR | 0o644), b""))),
-        400,
-        ("special file",),
-    ),
-    "block device": (
-        make_zip(package(P, "", (special(f"{P}/blk", stat.S_IFBLK | 0o644), b""))),
-        400,
-        ("special file",),
-    ),
-    "fifo": (
-        make_zip(package(P, "", (special(f"{P}/fifo", stat.S_IFIFO | 0o644), b""))),
-        400,
-        ("special file",),
-    ),
-    "socket": (
-        make_zip(package(P, "", (special(f"{P}/sock", stat.S_IFSOCK | 0o644), b""))),
-        400,
-        ("special file",),
-    ),
+    **{
+        kind: (evil((special(f"{P}/special", mode | 0o644), b"")), 400, ("special file",))
+        for kind, mode in (
+            ("character device", stat.S_IFCHR),
+            ("block device", stat.S_IFBLK),
+            ("fifo", stat.S_IFIFO),
+            ("socket", stat.S_IFSOCK),
+        )
+    },
     "too many files": (
-        make_zip(package(P, "", *((f"{P}/f{i}.txt", b"") for i in range(600)))),
+        evil(*((f"{P}/f{i}.txt", b"") for i in range(600))),
         400,
         ("602 entries", "limit of 500"),
     ),
     "zip bomb by ratio": (
-        make_zip(package(P, "", (f"{P}/zeros.bin", bytes(20 * 1024 * 1024))), level=9),
+        evil((f"{P}/zeros.bin", bytes(20 * 1024 * 1024)), level=9),
         400,
         ("compression ratio", "zip bomb"),
     ),
     "duplicate entries": (
-        make_zip(package(P, "", (f"{P}/__init__.py", b"# again"))),
+        evil((f"{P}/__init__.py", b"# again")),
         400,
         ("appears twice",),
     ),
     "duplicates by case": (
-        make_zip(package(P, "", (f"{P}/Mod.py", b""), (f"{P}/mod.py", b""))),
+        evil((f"{P}/Mod.py", b""), (f"{P}/mod.py", b"")),
         400,
         ("appears twice",),
     ),
@@ -426,7 +421,7 @@ async def test_upload_over_the_size_limit_is_413(clean: ApiServer) -> None:
         r = await c.put("/api/settings", json={"upload_max_bytes": 4096})
         assert r.status_code == 200, r.text
         # Incompressible content: the archive itself is over the limit.
-        big = make_zip(package(P, "", (f"{P}/blob.bin", os.urandom(6000))))
+        big = evil((f"{P}/blob.bin", os.urandom(6000)))
         assert len(big) > 4096
         body = assert_error(await upload(c, big), 413, "4096 bytes")
         assert body["code"] == "too_large"
