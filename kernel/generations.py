@@ -33,7 +33,7 @@ from kernel.lifecycle import Gate, Scope
 from kernel.loader import (
     ImportedGeneration,
     PluginCandidate,
-    discover_directory,
+    read_directory_plugin,
     shadows_module,
 )
 from kernel.manifest import check_compatible
@@ -123,22 +123,33 @@ class GenerationOps:
         cand = rec.candidate
         if cand.source is not PluginSource.USER or cand.path is None:
             return
-        fresh = await anyio.to_thread.run_sync(discover_directory, cand.path.parent)
-        for new in fresh:
-            if new.name == cand.name:
-                if new.problem is None and rec.generation is None and shadows_module(new.name):
-                    # As in `discover`: importing it would replace that module everywhere.
-                    new = attrs.evolve(
-                        new,
-                        problem=f"plugin name {new.name!r} would shadow an importable "
-                        "module; rename the plugin",
-                    )
-                rec.candidate = new
-                return
-        rec.candidate = attrs.evolve(cand, problem=f"plugin directory {cand.path} is gone")
+        new = await anyio.to_thread.run_sync(read_directory_plugin, cand.path)
+        if new is None:
+            rec.candidate = attrs.evolve(cand, problem=f"plugin directory {cand.path} is gone")
+            return
+        # As in `discover`: importing it would replace that module everywhere.
+        if (
+            new.problem is None
+            and rec.generation is None
+            and await anyio.to_thread.run_sync(shadows_module, new.name)
+        ):
+            new = attrs.evolve(
+                new,
+                problem=f"plugin name {new.name!r} would shadow an importable "
+                "module; rename the plugin",
+            )
+        rec.candidate = new
 
-    async def _load(self, rec: PluginRecord, replacing: Generation | None = None) -> None:
-        """Import, validate, swap in and start a generation; a failure changes nothing."""
+    async def _load(
+        self,
+        rec: PluginRecord,
+        replacing: Generation | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Import, validate, swap in and start a generation; a failure changes nothing.
+
+        `config` is the configuration to start with (default: the stored one).
+        """
         name = rec.name
         if replacing is None:
             rec.state = PluginState.LOADING
@@ -152,29 +163,44 @@ class GenerationOps:
             raise
         if replacing is not None:
             await self._retire(rec, replacing)
+            try:
+                # While the old generation stopped, another plugin may have claimed a key
+                # the new one adds; the old one's keys are still its own.
+                self._check_registries(name, gen.contributions, replacing=True)
+            except NekoError as exc:
+                self.pm.unregister(name=gen.pm_name)
+                gen.imported.rollback()
+                await self._restore(rec, replacing)
+                rec.log.error("loading plugin %r failed: %s", name, exc.message)
+                raise PluginLoadError(name, exc.message) from None
             self._commit_registries(rec, gen, replacing=True)
         else:
             self._commit_registries(rec, gen, replacing=False)
         try:
-            await self._activate(rec, gen)
+            await self._activate(rec, gen, config)
         except NekoError as exc:
+            # Registries first, before the awaits below, so that no other plugin's load
+            # sees the failed generation's entries or the previous one's keys unclaimed.
+            restored = self._recommit(rec, replacing) if replacing is not None else None
+            if restored is None:
+                self._drop_registries(name, transfer=replacing is None)
             await self._deactivate(gen)
             self.pm.unregister(name=gen.pm_name)
             gen.imported.rollback()
-            if replacing is not None:
+            if restored is not None and replacing is not None:
                 rec.log.error(
                     "new generation of %r failed to start (%s); restoring the previous one",
                     name,
                     exc.message,
                 )
-                await self._restore(rec, replacing)
+                await self._restart(rec, restored, replacing)
             else:
-                self._drop_registries(name, transfer=True)
                 self.kernel.loader.forget(rec.candidate)
                 rec.generation = None
                 rec.state, rec.error = PluginState.FAILED, exc.message
                 self._reindex()
-                await self._emit_failed(rec, exc.message)
+                if replacing is None:  # a failed reload is reported by `reload`
+                    await self._emit_failed(rec, exc.message)
             raise
         gen.imported.commit()
         rec.generation = gen
@@ -287,17 +313,20 @@ class GenerationOps:
                 del self.module_owners[module]
         k.asgi_app.rebuild()
 
-    async def _activate(self, rec: PluginRecord, gen: Generation) -> None:
+    async def _activate(
+        self, rec: PluginRecord, gen: Generation, config: Mapping[str, Any] | None = None
+    ) -> None:
         """Give the generation a scope and context, run its start hook, open its gate."""
         k = self.kernel
+        if config is None:
+            stored = await k.storage.state_get(CONFIG_SECTION, rec.name, {})
+            try:
+                config = validate_config(gen.config_schema, stored)
+            except NekoError as exc:
+                raise PluginLoadError(
+                    rec.name, f"stored configuration is invalid: {exc.message}"
+                ) from None
         scope = Scope(rec.name, k.task_group, rec.log, step_timeout=k.config.hook_timeout)
-        stored = await k.storage.state_get(CONFIG_SECTION, rec.name, {})
-        try:
-            config = validate_config(gen.config_schema, stored)
-        except NekoError as exc:
-            raise PluginLoadError(
-                rec.name, f"stored configuration is invalid: {exc.message}"
-            ) from None
         gen.scope = scope
         gen.ctx = PluginContext(k, rec.name, scope, config, rec.log)
         rec.generation = gen
@@ -324,7 +353,13 @@ class GenerationOps:
     async def _deactivate(self, gen: Generation) -> None:
         """Close the gate (waiting for calls in flight), run the stop hook, dispose the scope."""
         k = self.kernel
-        await gen.gate.close(k.config.handler_timeout)
+        if not await gen.gate.close(k.config.handler_timeout):
+            (gen.ctx.log if gen.ctx is not None else k.log).warning(
+                "%d call(s) into %r still running after %.1fs; stopping it anyway",
+                gen.gate.in_flight,
+                gen.pm_name,
+                k.config.handler_timeout,
+            )
         if gen.ctx is not None and gen.scope is not None and not gen.scope.closed:
             for impl in impls_of(self.pm, "nekobot_plugin_stop", gen.pm_name):
                 await call_impl(
@@ -345,7 +380,23 @@ class GenerationOps:
         self.pm.unregister(name=gen.pm_name)
 
     async def _restore(self, rec: PluginRecord, old: Generation) -> None:
-        """Bring a retired generation back after its successor failed to start."""
+        """Bring a retired generation back after its successor failed (its entries are
+        still in the registries: the successor's were not committed)."""
+        restored = self._recommit(rec, old)
+        assert restored is not None
+        await self._restart(rec, restored, old)
+
+    def _recommit(self, rec: PluginRecord, old: Generation) -> Generation | None:
+        """Register a retired generation again and put its entries back (no await).
+
+        None if another plugin claimed one of its keys while its successor was
+        starting: it cannot come back.
+        """
+        try:
+            self._check_registries(rec.name, old.contributions, replacing=True)
+        except NekoError as exc:
+            rec.log.error("the previous generation of %r cannot return: %s", rec.name, exc.message)
+            return None
         restored = Generation(
             old.number,
             old.pm_name,
@@ -359,12 +410,17 @@ class GenerationOps:
         restored.commands = [attrs.evolve(e, generation=restored) for e in old.commands]
         self.pm.register(old.imported.module, name=old.pm_name)
         self._commit_registries(rec, restored, replacing=True)
+        return restored
+
+    async def _restart(self, rec: PluginRecord, restored: Generation, old: Generation) -> None:
+        """Start a recommitted generation with the configuration it ran with."""
         try:
-            await self._activate(rec, restored)
+            await self._activate(rec, restored, old.ctx.config if old.ctx else None)
         except NekoError as exc:
             await self._deactivate(restored)
             self.pm.unregister(name=restored.pm_name)
             self._drop_registries(rec.name, transfer=False)
+            self.kernel.loader.forget(rec.candidate)
             rec.generation = None
             rec.state, rec.error = PluginState.FAILED, exc.message
             self._reindex()

@@ -123,30 +123,30 @@ def discover_entry_points() -> list[PluginCandidate]:
 
 def discover_directory(directory: Path) -> list[PluginCandidate]:
     """Plugin packages (a folder with `__init__.py` and `plugin.toml`) inside `directory`."""
-    found: list[PluginCandidate] = []
     if not directory.is_dir():
-        return found
-    for child in sorted(directory.iterdir()):
-        if not child.is_dir() or child.name.startswith((".", "_")):
-            continue
-        if not (child / "__init__.py").is_file():
-            continue
-        try:
-            check_plugin_name(child.name, "directory name")
-            manifest = _read_manifest(child)
-            if manifest.name != child.name:
-                raise ManifestError(
-                    "name", f"{manifest.name!r} differs from the directory name {child.name!r}"
-                )
-        except NekoError as exc:
-            found.append(
-                PluginCandidate(
-                    child.name, PluginSource.USER, child.name, None, child, False, str(exc)
-                )
+        return []
+    found = (read_directory_plugin(child) for child in sorted(directory.iterdir()))
+    return [cand for cand in found if cand is not None]
+
+
+def read_directory_plugin(child: Path) -> PluginCandidate | None:
+    """The directory plugin in `child`, or None if `child` is not a plugin package."""
+    if not child.is_dir() or child.name.startswith((".", "_")):
+        return None
+    if not (child / "__init__.py").is_file():
+        return None
+    try:
+        check_plugin_name(child.name, "directory name")
+        manifest = _read_manifest(child)
+        if manifest.name != child.name:
+            raise ManifestError(
+                "name", f"{manifest.name!r} differs from the directory name {child.name!r}"
             )
-            continue
-        found.append(PluginCandidate(child.name, PluginSource.USER, child.name, manifest, child))
-    return found
+    except NekoError as exc:
+        return PluginCandidate(
+            child.name, PluginSource.USER, child.name, None, child, False, str(exc)
+        )
+    return PluginCandidate(child.name, PluginSource.USER, child.name, manifest, child)
 
 
 def shadows_module(name: str) -> bool:

@@ -48,7 +48,7 @@ from kernel.models import (
     PluginSource,
     PluginState,
 )
-from kernel.plugin_config import validate_config
+from kernel.plugin_config import validate_config, with_defaults
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -267,16 +267,22 @@ class PluginManager(GenerationOps):
         """
         rec = self.record(name)
         async with self._operation(rec):
+            serving = rec.candidate
             await self._refresh_candidate(rec)
             if rec.candidate.problem:
-                await self._emit_failed(rec, rec.candidate.problem)
-                raise ReloadError(name, rec.candidate.problem)
+                problem = rec.candidate.problem
+                if rec.generation is not None:
+                    rec.candidate = serving  # the generation that keeps serving came from it
+                await self._emit_failed(rec, problem)
+                raise ReloadError(name, problem)
             if rec.generation is None:
                 await self._load(rec)
             else:
                 try:
                     await self._load(rec, replacing=rec.generation)
                 except NekoError as exc:
+                    if rec.generation is not None:
+                        rec.candidate = serving
                     await self._emit_failed(rec, str(exc))
                     raise ReloadError(
                         name, f"reload of {name!r} failed, previous version kept: {exc.message}"
@@ -333,11 +339,9 @@ class PluginManager(GenerationOps):
     async def get_config(self, name: str) -> dict[str, Any]:
         """A plugin's stored configuration with schema defaults filled in."""
         rec = self.record(name)
-        stored = await self.kernel.storage.state_get(CONFIG_SECTION, name, {})
         if rec.generation is not None and rec.generation.ctx is not None:
             return dict(rec.generation.ctx.config)
-        from kernel.plugin_config import with_defaults
-
+        stored = await self.kernel.storage.state_get(CONFIG_SECTION, name, {})
         return with_defaults(self.config_schema(name), stored)
 
     async def set_config(self, name: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,35 +349,22 @@ class PluginManager(GenerationOps):
         rec = self.record(name)
         async with self._operation(rec):
             full = validate_config(self.config_schema(name), config)
-            previous = await self.kernel.storage.state_get(CONFIG_SECTION, name)
-            await self.kernel.storage.state_set(CONFIG_SECTION, name, dict(config))
             gen = rec.generation
-            if gen is not None and gen.ctx is not None:
-                if "nekobot_config_changed" in gen.hooks:
-                    gen.ctx.config = full
-                    impl = impls_of(self.pm, "nekobot_config_changed", gen.pm_name)[0]
-                    await call_impl(
-                        impl,
-                        {"ctx": gen.ctx, "config": full},
-                        plugin=name,
-                        hook="nekobot_config_changed",
-                        timeout=self.kernel.config.hook_timeout,
-                        log=rec.log,
-                    )
-                else:
-                    try:
-                        await self._load(rec, replacing=gen)
-                    except NekoError:
-                        # The plugin refused this configuration: keep the one that worked.
-                        # The old generation was restarted with the refused one, so it may
-                        # be down; bring it back with its own.
-                        if previous is None:
-                            await self.kernel.storage.state_delete(CONFIG_SECTION, name)
-                        else:
-                            await self.kernel.storage.state_set(CONFIG_SECTION, name, previous)
-                        if rec.generation is None:
-                            with contextlib.suppress(NekoError):
-                                await self._load(rec)
-                        raise
+            if gen is not None and "nekobot_config_changed" not in gen.hooks:
+                # Stored only once a generation started with it: a plugin that refuses it
+                # keeps the previous generation and configuration (`_load` restores both).
+                await self._load(rec, replacing=gen, config=full)
+            await self.kernel.storage.state_set(CONFIG_SECTION, name, dict(config))
+            if gen is not None and gen.ctx is not None and "nekobot_config_changed" in gen.hooks:
+                gen.ctx.config = full
+                impl = impls_of(self.pm, "nekobot_config_changed", gen.pm_name)[0]
+                await call_impl(
+                    impl,
+                    {"ctx": gen.ctx, "config": full},
+                    plugin=name,
+                    hook="nekobot_config_changed",
+                    timeout=self.kernel.config.hook_timeout,
+                    log=rec.log,
+                )
         await self.kernel.emit(KernelEvent("plugin.config_changed", {"name": name}, plugin=name))
         return full

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 
+_ROOT_POLL_MS = 500
+
+
+async def _existing(dirs: list[Path]) -> list[Path]:
+    return [d for d in dirs if await anyio.Path(d).is_dir()]
+
+
 class HotReloader:
     """Watches one kernel's plugin directories (debounced) while it runs."""
 
@@ -45,22 +52,59 @@ class HotReloader:
 
     async def _watch(self, dirs: list[Path]) -> None:
         try:
-            self._ready.set()
-            async for changes in watchfiles.awatch(
-                *dirs,
-                debounce=self.kernel.config.reload_debounce_ms,
-                step=20,
-                stop_event=self._stop,
-                watch_filter=watchfiles.DefaultFilter(),
-                recursive=True,
-                yield_on_timeout=False,
-            ):
-                await self._apply(dirs, (Path(p) for _, p in changes))
+            present = await _existing(dirs)
+            while not self._stop.is_set():
+                touched: set[Path] = set()
+                if present:
+                    touched = await self._watch_until_a_root_changes(dirs, present)
+                else:
+                    self._ready.set()
+                    with anyio.move_on_after(_ROOT_POLL_MS / 1000):
+                        await self._stop.wait()
+                now = await _existing(dirs)
+                for gone in sorted(set(present) - set(now)):
+                    self.kernel.log.warning(
+                        "plugin directory %s is gone; hot reload resumes when it is back", gone
+                    )
+                # A root that came back (or was replaced) is watched anew: load what is in it.
+                for back in sorted((set(now) - set(present)) | (touched & set(now))):
+                    children = [Path(p) async for p in anyio.Path(back).iterdir()]
+                    await self._apply(dirs, children)
+                present = now
         except Exception:
             self.kernel.log.exception("hot reload watcher stopped")
         finally:
             self._ready.set()
             self._done.set()
+
+    async def _watch_until_a_root_changes(self, dirs: list[Path], present: list[Path]) -> set[Path]:
+        """Apply changes until stopped or until a plugin directory itself was removed,
+        replaced or (while one is missing) came back; return the roots that changed.
+
+        A watch follows a directory, not its path: a root that is deleted (or
+        replaced) is not watched any more, so the watch is restarted.
+        """
+        missing = len(present) < len(dirs)
+        # Set now: the watcher exists once the loop first awaits (an edit made as soon as
+        # `start` returns is seen).
+        self._ready.set()
+        async for changes in watchfiles.awatch(
+            *present,
+            debounce=self.kernel.config.reload_debounce_ms,
+            step=20,
+            stop_event=self._stop,
+            watch_filter=watchfiles.DefaultFilter(),
+            recursive=True,
+            # While a root is missing, wake up now and then to look for it.
+            rust_timeout=_ROOT_POLL_MS if missing else None,
+            yield_on_timeout=missing,
+        ):
+            paths = [Path(p) for _, p in changes]
+            await self._apply(dirs, paths)
+            touched = {p for p in paths if p in present}
+            if touched or await _existing(dirs) != present:
+                return touched
+        return set()
 
     async def _apply(self, dirs: list[Path], paths: Iterable[Path]) -> None:
         names: set[str] = set()
@@ -75,7 +119,11 @@ class HotReloader:
         if not names:
             return
         plugins = self.kernel.plugins
-        added = set(await plugins.rescan())
+        try:
+            added = set(await plugins.rescan())
+        except Exception:
+            self.kernel.log.exception("hot reload: rescanning the plugin directories failed")
+            return
         for name in sorted(names):
             rec = plugins.records.get(name)
             if rec is None or rec.candidate.source is not PluginSource.USER:
@@ -91,3 +139,6 @@ class HotReloader:
                 self.reloads += 1
             except NekoError as exc:
                 self.kernel.log.warning("hot reload of %r failed: %s", name, exc.message)
+            except Exception:
+                # Not a plugin's failure (disk, storage, ...): the watcher must survive it.
+                self.kernel.log.exception("hot reload of %r failed", name)

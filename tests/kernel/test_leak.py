@@ -15,7 +15,7 @@ from typing import Any
 import pluggy
 import pytest
 
-from kernel import PluginLoadError, PluginState
+from kernel import PluginLoadError, PluginState, ReloadError
 from kernel.kernel import Kernel
 from kernel.testing import MockBot, running_kernel
 from tests.plugin_factory import write_plugin
@@ -248,3 +248,35 @@ async def test_many_reloads_do_not_grow_anything(
         assert not alive, referrer_report(alive[0])
         assert await bot.receive("/lk_ping still") == ["pong still"]
         assert await bot.receive("/lk_p here") == ["pong here"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", ["import", "start"])
+async def test_failed_reloads_leave_everything_as_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lk_leaky", LEAKY, files={"sub.py": SUB})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        module = sys.modules["lk_leaky"]
+        collect()
+        before = snapshot(kernel)
+        routes = [(e.owner, e.item[0]) for e in kernel.routes]
+        if failure == "import":
+            broken = LEAKY.replace("from . import sub", "from . import sub\nraise ImportError('x')")
+        else:
+            broken = LEAKY.replace(
+                "ctx.provide(", "raise RuntimeError('no start')\n    ctx.provide("
+            )
+        write_plugin(plugins, "lk_leaky", broken, files={"sub.py": SUB})
+        for _ in range(3):
+            with pytest.raises(ReloadError):
+                await kernel.plugins.reload("lk_leaky")
+        drop_captured_logs(caplog)
+        collect()
+        assert snapshot(kernel) == before
+        assert [(e.owner, e.item[0]) for e in kernel.routes] == routes
+        assert sys.modules["lk_leaky"] is module
+        assert kernel.plugins.info("lk_leaky").state is PluginState.ACTIVE
+        assert await bot.receive("/lk_ping a") == ["pong a"]

@@ -425,10 +425,18 @@ async def test_config_the_plugin_refuses_keeps_the_old_one(
         expected = "b" if configured else "a"
         assert await bot.receive("/mgr_picky") == [expected]
 
+        serving = kernel.plugins.records["mgr_picky"].generation
+        assert serving is not None
         with pytest.raises(PluginLoadError, match="greeting rejected"):
             await kernel.plugins.set_config("mgr_picky", {"greeting": "boom"})
 
         assert kernel.plugins.info("mgr_picky").state is PluginState.ACTIVE
+        # The previous generation itself is back (its module state kept), started with
+        # the configuration it ran with: not a fresh import after a second refusal.
+        restored = kernel.plugins.records["mgr_picky"].generation
+        assert restored is not None and restored.number == serving.number
+        starts = [r for r in kernel.logging.buffer.records if "raised ValueError" in r.message]
+        assert len(starts) == 1
         assert await bot.receive("/mgr_picky") == [expected]
         assert await kernel.plugins.get_config("mgr_picky") == {"greeting": expected}
         stored = await kernel.storage.state_get("plugin_config", "mgr_picky")

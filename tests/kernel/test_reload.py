@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -442,3 +443,286 @@ async def test_hot_reload_skips_disabled_and_revives_fixed_plugins(tmp_path: Pat
         info = kernel.plugins.info("rl_hot_off")
         assert (info.enabled, info.state) == (False, PluginState.DISPOSED)
         assert await bot.receive("/rl_hot_off") == []
+
+
+RACER = """
+from starlette.responses import PlainTextResponse
+from kernel import RouteSpec, hookimpl
+
+async def page(request):
+    return PlainTextResponse("{tag}")
+
+@hookimpl
+def nekobot_routes():
+    return [RouteSpec(p, page, methods=("GET",), public=True) for p in {paths!r}]
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    release = ctx.services.get("rl_race_release")
+    if release is not None:
+        await release.wait()
+"""
+
+
+@pytest.mark.anyio
+async def test_a_key_claimed_while_the_old_generation_stops_fails_the_reload(
+    tmp_path: Path,
+) -> None:
+    """Registries are checked when staging, but the old generation stops before the
+    commit: another plugin may claim one of the new keys meanwhile."""
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_race_a", RACER.format(tag="a1", paths=["/rl/race_a"]))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        release = anyio.Event()
+        kernel.services.provide("test", "rl_race_release", release)
+        write_plugin(
+            plugins, "rl_race_a", RACER.format(tag="a2", paths=["/rl/race_a", "/rl/race_x"])
+        )
+        write_plugin(plugins, "rl_race_b", RACER.format(tag="b", paths=["/rl/race_x"]))
+        await kernel.plugins.rescan()
+        outcome: list[BaseException | None] = []
+
+        async def reload_a() -> None:
+            try:
+                await kernel.plugins.reload("rl_race_a")
+                outcome.append(None)
+            except ReloadError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reload_a)
+
+            async def retiring() -> bool:
+                return kernel.plugins.info("rl_race_a").state is PluginState.UNLOADING
+
+            assert await eventually(retiring)
+            kernel.services.withdraw("test", "rl_race_release")  # b's stop must not wait
+            await kernel.plugins.enable("rl_race_b")  # claims /rl/race_x meanwhile
+            release.set()
+
+        [error] = outcome
+        assert isinstance(error, ReloadError)
+        assert "already registered by plugin 'rl_race_b'" in error.message
+        assert kernel.routes.get(("/rl/race_x", "GET")).owner == "rl_race_b"  # type: ignore[union-attr]
+        assert [e.item[0] for e in kernel.routes.owned_by("rl_race_a")] == [("/rl/race_a", "GET")]
+        assert kernel.plugins.info("rl_race_a").state is PluginState.ACTIVE
+        assert await http_get(kernel, "/rl/race_a") == (200, "a1")
+        assert await http_get(kernel, "/rl/race_x") == (200, "b")
+        names = [n for n, _ in kernel.plugins.pm.list_name_plugin() if n.startswith("rl_race_a")]
+        assert names == ["rl_race_a#1"]
+        # Once b is gone, a's new version fits.
+        await kernel.plugins.disable("rl_race_b")
+        await kernel.plugins.reload("rl_race_a")
+        assert await http_get(kernel, "/rl/race_x") == (200, "a2")
+
+
+@pytest.mark.anyio
+async def test_a_failed_reload_keeps_the_serving_manifest(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_manifest", main_code("v1"), manifest={"version": "1.0"})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        write_plugin(plugins, "rl_manifest", BROKEN["syntax error"], manifest={"version": "2.0"})
+        with pytest.raises(ReloadError):
+            await kernel.plugins.reload("rl_manifest")
+        info = kernel.plugins.info("rl_manifest")
+        assert (info.state, info.version) == (PluginState.ACTIVE, "1.0")
+
+        write_plugin(plugins, "rl_manifest", main_code("v2"), raw_manifest="name = [")
+        with pytest.raises(ReloadError):
+            await kernel.plugins.reload("rl_manifest")
+        info = kernel.plugins.info("rl_manifest")
+        assert (info.state, info.version, info.error) == (PluginState.ACTIVE, "1.0", None)
+
+        write_plugin(plugins, "rl_manifest", main_code("v2"), manifest={"version": "2.0"})
+        assert (await kernel.plugins.reload("rl_manifest")).plugin.version == "2.0"
+
+
+@pytest.mark.anyio
+async def test_hot_reload_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugins = tmp_path / "plugins"
+    path = write_plugin(plugins, "rl_sturdy", hot_code("v1", command="rl_sturdy"))
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        bot = MockBot(kernel)
+        real_reload = kernel.plugins.reload
+        calls: list[str] = []
+
+        async def flaky_reload(name: str) -> object:
+            calls.append(name)
+            if len(calls) == 1:
+                raise OSError("disk hiccup")
+            return await real_reload(name)
+
+        monkeypatch.setattr(kernel.plugins, "reload", flaky_reload)
+        replace_file(path / "__init__.py", hot_code("v2", command="rl_sturdy"))
+
+        async def logged() -> bool:
+            return any(
+                r.level == "ERROR" and "hot reload of 'rl_sturdy' failed" in r.message
+                for r in kernel.logging.buffer.records
+            )
+
+        assert await eventually(logged)
+        assert watcher_running()
+        replace_file(path / "__init__.py", hot_code("v3", command="rl_sturdy"))
+
+        async def answers() -> bool:
+            return await bot.receive("/rl_sturdy") == ["v3"]
+
+        assert await eventually(answers)
+
+
+@pytest.mark.anyio
+async def test_hot_reload_follows_a_plugin_directory_that_is_removed_and_comes_back(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_root_a", hot_code("a", command="rl_root_a"))
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        bot = MockBot(kernel)
+        assert await bot.receive("/rl_root_a") == ["a"]
+        shutil.rmtree(plugins)
+
+        async def forgotten() -> bool:
+            return "rl_root_a" not in kernel.plugins.records
+
+        assert await eventually(forgotten)
+        assert any("is gone" in r.message for r in kernel.logging.buffer.records)
+
+        # The directory comes back whole (as a checkout or a copy would bring it).
+        staged = tmp_path / "staged_plugins"
+        write_plugin(staged, "rl_root_b", hot_code("b1", command="rl_root_b"))
+        os.replace(staged, plugins)
+
+        async def answers(text: str) -> bool:
+            return await bot.receive("/rl_root_b") == [text]
+
+        assert await eventually(lambda: answers("b1"))
+        # ... and is watched again.
+        replace_file(plugins / "rl_root_b" / "__init__.py", hot_code("b2", command="rl_root_b"))
+        assert await eventually(lambda: answers("b2"))
+        assert watcher_running()
+
+
+ONCE = """
+from starlette.responses import PlainTextResponse
+from kernel import CommandSpec, RouteSpec, hookimpl
+
+starts = 0
+
+async def once(cmd):
+    return "{tag}"
+
+async def page(request):
+    return PlainTextResponse("{tag}")
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("rl_once", once)]
+
+@hookimpl
+def nekobot_routes():
+    return [RouteSpec("/rl/once", page, public=True)]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    global starts
+    starts += 1
+    if {fail}:
+        raise RuntimeError("rl_once refuses")
+"""
+
+
+@pytest.mark.anyio
+async def test_a_restore_that_fails_too_leaves_the_plugin_failed_and_clean(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    # v1 starts once only: brought back after v2's failure, it refuses too.
+    write_plugin(plugins, "rl_once", ONCE.format(tag="v1", fail="starts > 1"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        assert await bot.receive("/rl_once") == ["v1"]
+        write_plugin(plugins, "rl_once", ONCE.format(tag="v2", fail="True"))
+        with pytest.raises(ReloadError, match="rl_once refuses"):
+            await kernel.plugins.reload("rl_once")
+
+        info = kernel.plugins.info("rl_once")
+        assert (info.state, info.commands, info.routes) == (PluginState.FAILED, (), ())
+        assert "rl_once refuses" in (info.error or "")
+        assert kernel.commands.lookup("rl_once") is None
+        assert kernel.routes.owned_by("rl_once") == []
+        assert (await http_get(kernel, "/rl/once"))[0] == 404
+        assert not [n for n, _ in kernel.plugins.pm.list_name_plugin() if n.startswith("rl_once")]
+        assert "rl_once" not in kernel.plugins.module_owners
+        assert "rl_once" not in sys.modules
+        assert "rl_once" not in kernel.loader.finder.roots
+
+        # Fixed: it loads again.
+        write_plugin(plugins, "rl_once", ONCE.format(tag="v3", fail="False"))
+        await kernel.plugins.reload("rl_once")
+        assert await bot.receive("/rl_once") == ["v3"]
+
+
+SWAP = """
+from starlette.responses import PlainTextResponse
+from kernel import RouteSpec, hookimpl
+
+async def page(request):
+    return PlainTextResponse("{tag}")
+
+@hookimpl
+def nekobot_routes():
+    return [RouteSpec(p, page, methods=("GET",), public=True) for p in {paths!r}]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    if {fail}:
+        ctx.services.get("rl_swap_starting").set()
+        await ctx.services.get("rl_swap_release").wait()
+        raise RuntimeError("rl_swap refuses")
+"""
+
+
+@pytest.mark.anyio
+async def test_a_key_claimed_while_the_new_generation_starts_is_not_taken_back(
+    tmp_path: Path,
+) -> None:
+    """v2 drops /rl/swap_old; while v2 starts (and then fails), another plugin claims
+    it. v1 cannot come back without taking it, so the plugin fails instead."""
+    plugins = tmp_path / "plugins"
+    v1_paths = ["/rl/swap", "/rl/swap_old"]
+    write_plugin(plugins, "rl_swap", SWAP.format(tag="v1", paths=v1_paths, fail=False))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        starting, release = anyio.Event(), anyio.Event()
+        kernel.services.provide("test", "rl_swap_starting", starting)
+        kernel.services.provide("test", "rl_swap_release", release)
+        write_plugin(plugins, "rl_swap", SWAP.format(tag="v2", paths=["/rl/swap"], fail=True))
+        write_plugin(
+            plugins, "rl_swap_other", SWAP.format(tag="other", paths=["/rl/swap_old"], fail=False)
+        )
+        await kernel.plugins.rescan()
+        errors: list[ReloadError] = []
+
+        async def reload_swap() -> None:
+            with pytest.raises(ReloadError) as caught:
+                await kernel.plugins.reload("rl_swap")
+            errors.append(caught.value)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reload_swap)
+            await starting.wait()
+            await kernel.plugins.enable("rl_swap_other")
+            release.set()
+
+        assert "rl_swap refuses" in errors[0].message
+        assert kernel.routes.get(("/rl/swap_old", "GET")).owner == "rl_swap_other"  # type: ignore[union-attr]
+        assert await http_get(kernel, "/rl/swap_old") == (200, "other")
+        info = kernel.plugins.info("rl_swap")
+        assert (info.state, info.routes) == (PluginState.FAILED, ())
+        assert (await http_get(kernel, "/rl/swap"))[0] == 404
