@@ -13,6 +13,7 @@ import pluggy
 
 from kernel.errors import ContributionError
 from kernel.hookspecs import CONTRIBUTION_HOOKS
+from kernel.lifecycle import Gate, GateClosedError
 from kernel.models import (
     ChannelSpec,
     CommandSpec,
@@ -128,8 +129,18 @@ async def call_impl(
     hook: str,
     timeout: float,
     log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    gate: Gate | None = None,
 ) -> HookOutcome:
-    """Await one async hookimpl with the arguments it asks for, bounded and isolated."""
+    """Await one async hookimpl with the arguments it asks for, bounded and isolated.
+
+    With `gate` (its generation's), the call runs inside it; if the generation is going
+    away the hookimpl is not called and the outcome's error is a GateClosedError.
+    """
+    if gate is not None:
+        try:
+            gate.enter()
+        except GateClosedError as exc:
+            return HookOutcome(plugin, None, exc)
     try:
         with anyio.fail_after(timeout):
             result = impl.function(*(kwargs[name] for name in impl.argnames))
@@ -144,32 +155,39 @@ async def call_impl(
             "%s of plugin %r raised %s: %s", hook, plugin, type(exc).__name__, exc, exc_info=True
         )
         return HookOutcome(plugin, None, exc)
+    finally:
+        if gate is not None:
+            gate.leave()
+
+
+Call = tuple[str, pluggy.HookImpl, Mapping[str, Any], Gate | None]
 
 
 async def call_each(
-    calls: Iterable[tuple[str, pluggy.HookImpl, Mapping[str, Any]]],
+    calls: Iterable[Call],
     *,
     hook: str,
     timeout: float,
     log: logging.Logger | logging.LoggerAdapter[logging.Logger],
 ) -> list[HookOutcome]:
-    """Await several plugins' hookimpls concurrently; outcomes in the order given."""
+    """Await several plugins' hookimpls concurrently (each in its gate, if given);
+    outcomes in the order given."""
     calls = list(calls)
     outcomes: list[HookOutcome | None] = [None] * len(calls)
 
-    async def one(i: int, plugin: str, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> None:
+    async def one(i: int, call: Call) -> None:
+        plugin, impl, kwargs, gate = call
         # Log against the plugin's own logger when it has a context, so the
         # record is attributed to the plugin rather than to the kernel.
         own_log = getattr(kwargs.get("ctx"), "log", None) or log
         outcomes[i] = await call_impl(
-            impl, kwargs, plugin=plugin, hook=hook, timeout=timeout, log=own_log
+            impl, kwargs, plugin=plugin, hook=hook, timeout=timeout, log=own_log, gate=gate
         )
 
-    if len(calls) == 1:
-        plugin, impl, kwargs = calls[0]
-        await one(0, plugin, impl, kwargs)
+    if len(calls) == 1:  # the common case on the message path: no task group
+        await one(0, calls[0])
     else:
         async with anyio.create_task_group() as tg:
-            for i, (plugin, impl, kwargs) in enumerate(calls):
-                tg.start_soon(one, i, plugin, impl, kwargs)
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
     return [o for o in outcomes if o is not None]

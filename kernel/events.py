@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import attrs
 
+from kernel.calling import call_each
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
 from kernel.lifecycle import GateClosedError
 from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
@@ -194,40 +195,19 @@ class Pipeline:
         impls = self.kernel.plugins.hook_index.get("nekobot_on_message")
         if not impls:
             return
-        results: list[tuple[str, Any]] = []
-        timeout = self.kernel.config.handler_timeout
-
-        async def one(plugin: str, impl: Any, gen: Generation) -> None:
-            try:
-                gen.gate.enter()
-            except GateClosedError:
-                return  # the plugin is going away; its successor is not offered a re-run
-            assert gen.ctx is not None
-            try:
-                with anyio.fail_after(timeout):
-                    value = await impl.function(
-                        *({"event": event, "ctx": gen.ctx}[a] for a in impl.argnames)
-                    )
-                results.append((plugin, value))
-            except TimeoutError:
-                gen.ctx.log.error("nekobot_on_message timed out after %.1fs", timeout)
-            except Exception as exc:
-                gen.ctx.log.error(
-                    "nekobot_on_message raised %s: %s", type(exc).__name__, exc, exc_info=True
-                )
-            finally:
-                gen.gate.leave()
-
-        async with anyio.create_task_group() as tg:
-            for plugin, impl, gen in list(impls):
-                tg.start_soon(one, plugin, impl, gen)
-        for plugin, value in sorted(results, key=lambda r: r[0]):
-            log = (
-                self.kernel.plugins.records[plugin].log
-                if plugin in self.kernel.plugins.records
-                else self.kernel.log
-            )
-            await send(_checked_reply(value, log, plugin))
+        # A generation going away is skipped: its successor is not offered a re-run.
+        outcomes = await call_each(
+            [(p, i, {"event": event, "ctx": g.ctx}, g.gate) for p, i, g in impls],
+            hook="nekobot_on_message",
+            timeout=self.kernel.config.handler_timeout,
+            log=self.kernel.log,
+        )
+        # The hook index is in plugin-name order, and so are the outcomes.
+        for outcome in outcomes:
+            if outcome.error is None and outcome.value is not None:
+                rec = self.kernel.plugins.records.get(outcome.plugin)
+                log = rec.log if rec is not None else self.kernel.log
+                await send(_checked_reply(outcome.value, log, outcome.plugin))
 
 
 def strip_wake_word(event: MessageEvent, wake_words: Sequence[str]) -> MessageEvent:

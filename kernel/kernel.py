@@ -21,13 +21,12 @@ import anyio
 from anyio.abc import TaskGroup
 
 from kernel.asgi import KernelApp
-from kernel.calling import call_each, call_impl
+from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
 from kernel.context import Services
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
-from kernel.lifecycle import GateClosedError
 from kernel.loader import ModuleLoader
 from kernel.logs import KernelLogging
 from kernel.manager import PluginManager
@@ -262,10 +261,14 @@ class Kernel:
                 self.log.exception("event subscriber failed")
         impls = self.plugins.hook_index.get("nekobot_on_event")
         if impls and self._tg is not None:
-            calls = [(p, i, {"event": event, "ctx": g.ctx}) for p, i, g in impls]
+            # Each call enters its generation's gate: a generation retired meanwhile is
+            # skipped, and its retirement waits for a delivery in progress.
+            calls: list[Call] = [
+                (p, i, {"event": event, "ctx": g.ctx}, g.gate) for p, i, g in impls
+            ]
             self._tg.start_soon(self._deliver_event, calls)
 
-    async def _deliver_event(self, calls: list[Any]) -> None:
+    async def _deliver_event(self, calls: list[Call]) -> None:
         await call_each(
             calls, hook="nekobot_on_event", timeout=self.config.hook_timeout, log=self.log
         )
@@ -278,23 +281,16 @@ class Kernel:
         Used for `nekobot_llm_request` and `nekobot_llm_response`.
         """
         for plugin, impl, gen in list(self.plugins.hook_index.get(hook, ())):
-            if gen.ctx is None:
-                continue
-            try:
-                gen.gate.enter()
-            except GateClosedError:
-                continue  # going away; its successor is not offered a re-run
-            try:
-                outcome = await call_impl(
-                    impl,
-                    {arg: value, "ctx": gen.ctx},
-                    plugin=plugin,
-                    hook=hook,
-                    timeout=self.config.hook_timeout,
-                    log=gen.ctx.log,
-                )
-            finally:
-                gen.gate.leave()
+            # A generation going away is skipped (its successor is not offered a re-run).
+            outcome = await call_impl(
+                impl,
+                {arg: value, "ctx": gen.ctx},
+                plugin=plugin,
+                hook=hook,
+                timeout=self.config.hook_timeout,
+                log=gen.ctx.log if gen.ctx is not None else self.log,
+                gate=gen.gate,
+            )
             if outcome.error is None and outcome.value is not None:
                 value = outcome.value
         return value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,9 @@ from kernel import (
 from kernel.calling import Contributions, call_each, call_impl, collect_contributions, impls_of
 from kernel.errors import ContributionError
 from kernel.hookspecs import PROJECT, SPEC_MODULES
+from kernel.lifecycle import Gate, GateClosedError
 from kernel.testing import MockBot, running_kernel
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
+from tests.plugin_factory import write_plugin
 
 
 def _manager() -> pluggy.PluginManager:
@@ -205,10 +197,21 @@ async def test_call_impl_bounds_and_isolates(caplog: pytest.LogCaptureFixture) -
     assert impls_of(pm, "nekobot_no_such_hook", "unit#1") == []
 
     outcomes = await call_each(
-        [("a", stop, kwargs), ("b", start, kwargs)], hook="each", timeout=1, log=log
+        [("a", stop, kwargs, None), ("b", start, kwargs, None)], hook="each", timeout=1, log=log
     )
     assert [o.plugin for o in outcomes] == ["a", "b"]
     assert isinstance(outcomes[0].error, ValueError) and outcomes[1].value == "started C"
+
+    # In a gate: a closed one is not entered, an open one is left again.
+    closed, open_gate = Gate(), Gate(open=True)
+    outcomes = await call_each(
+        [("a", start, kwargs, closed), ("b", start, kwargs, open_gate)],
+        hook="each",
+        timeout=1,
+        log=log,
+    )
+    assert isinstance(outcomes[0].error, GateClosedError) and outcomes[1].value == "started C"
+    assert (closed.in_flight, open_gate.in_flight) == (0, 0)
 
 
 # -- through the plugin manager ------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -13,15 +12,7 @@ import pytest
 from kernel import KernelEvent, PluginLoadError, PluginState, Sender
 from kernel.kernel import Kernel
 from kernel.testing import MockBot, running_kernel
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
+from tests.plugin_factory import write_plugin
 
 
 def module_of(kernel: Kernel, name: str) -> ModuleType:
@@ -454,7 +445,7 @@ async def test_a_hanging_handler_is_bounded_by_handler_timeout(tmp_path: Path) -
             assert await bot.receive("hang", chat_id="A") == []
         errors = plugin_errors(kernel, "evt_hang")
         assert any("timed out" in m and "hang" in m for m in errors), errors
-        assert any("nekobot_on_message timed out" in m for m in errors), errors
+        assert any("nekobot_on_message of plugin 'evt_hang' timed out" in m for m in errors), errors
 
 
 WAKE = """
@@ -486,3 +477,38 @@ async def test_wake_words_address_the_bot(tmp_path: Path) -> None:
         assert await bot.receive("neko how are you") == ["chat to_me=True text='how are you'"]
         assert await bot.receive("nekomimi ping") == ["chat to_me=False text='nekomimi ping'"]
         assert await bot.receive("ping d") == ["chat to_me=False text='ping d'"]
+
+
+_EVENT_LISTENER = """
+from kernel import hookimpl
+
+@hookimpl
+async def nekobot_on_event(event, ctx):
+    ctx.services.get("evt_heard").append((ctx.name, event.type))
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    if ctx.name == "evt_hear_a":
+        await ctx.emit("evt.stopping")
+"""
+
+
+@pytest.mark.anyio
+async def test_on_event_is_not_delivered_into_a_retiring_generation(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "evt_hear_a", _EVENT_LISTENER)
+    write_plugin(plugins, "evt_hear_b", _EVENT_LISTENER)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        heard: list[tuple[str, str]] = []
+        kernel.services.provide("tests", "evt_heard", heard)
+        # a's stop hook emits while a's gate is already closed.
+        await kernel.plugins.disable("evt_hear_a")
+        with anyio.fail_after(5):
+            while ("evt_hear_b", "evt.stopping") not in heard:  # noqa: ASYNC110 (a list)
+                await anyio.sleep(0.01)
+        assert ("evt_hear_a", "evt.stopping") not in heard
+        await kernel.emit(KernelEvent("evt.after"))
+        with anyio.fail_after(5):
+            while ("evt_hear_b", "evt.after") not in heard:  # noqa: ASYNC110 (a list)
+                await anyio.sleep(0.01)
+        assert ("evt_hear_a", "evt.after") not in heard
