@@ -119,6 +119,8 @@ class PluginContext:
 
     def provide(self, name: str, value: object) -> None:
         """Offer `value` to other plugins as `ctx.services.get(name)`; withdrawn on disposal."""
+        if self.scope.closed:  # checked first: nothing would withdraw it
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot provide")
         self._kernel.services.provide(self.name, name, value)
         self.scope.on_dispose(
             lambda: self._kernel.services.withdraw(self.name, name), name=f"withdraw service {name}"

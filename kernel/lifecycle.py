@@ -174,6 +174,10 @@ class Scope:
         self._check_open("enter a context")
         stack = AsyncExitStack()
         value = await stack.enter_async_context(cm)
+        if self._closed:  # disposal began while `cm` was entering: nothing would exit it
+            with anyio.CancelScope(shield=True):
+                await self._run_callback(f"exit {type(cm).__name__}", stack.aclose)
+            self._check_open("enter a context")
         self._callbacks.append((f"exit {type(cm).__name__}", stack.aclose))
         return value
 

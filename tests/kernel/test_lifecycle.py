@@ -414,3 +414,85 @@ async def test_shutdown_retires_the_last_loaded_first(tmp_path: Path) -> None:
     # Builtins were loaded first, so they go after the user plugins; the essential last.
     assert closed_when["help"] == probe
     assert closed_when["api"] == probe
+
+
+@pytest.mark.anyio
+async def test_provide_after_disposal_registers_nothing(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_provider", probed("lc_provider"))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        gen = kernel.plugins.records["lc_provider"].generation
+        assert gen is not None and gen.ctx is not None
+        ctx = gen.ctx
+        await kernel.plugins.disable("lc_provider")
+        with pytest.raises(DisposedError):
+            ctx.provide("lc_late_service", object())
+        # Nothing would ever withdraw it.
+        assert kernel.services.get("lc_late_service") is None
+
+
+@pytest.mark.anyio
+async def test_a_context_entered_while_the_scope_is_disposed_is_exited() -> None:
+    log = logging.LoggerAdapter(logging.getLogger("nekobot.tests.scope"), {})
+    order: list[str] = []
+    entering, proceed = anyio.Event(), anyio.Event()
+
+    class Slow:
+        async def __aenter__(self) -> None:
+            entering.set()
+            await proceed.wait()
+            order.append("entered")
+
+        async def __aexit__(self, *exc: object) -> None:
+            order.append("exited")
+
+    async with anyio.create_task_group() as tg:
+        scope = Scope("unit", tg, log, step_timeout=0.1)
+        errors: list[BaseException] = []
+
+        async def enter() -> None:  # e.g. a handler still running after its gate timed out
+            try:
+                await scope.enter_async_context(Slow())
+            except DisposedError as exc:
+                errors.append(exc)
+
+        tg.start_soon(enter)
+        await entering.wait()
+        await scope.dispose()
+        proceed.set()
+    assert order == ["entered", "exited"]
+    assert len(errors) == 1
+
+
+SLOW = """
+import anyio
+from kernel import CommandSpec, hookimpl
+
+async def slow(cmd):
+    cmd.ctx.services.get("lc_slow_started").set()
+    await anyio.sleep(5)
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("lc_slow", slow, timeout=10)]
+"""
+
+
+@pytest.mark.anyio
+async def test_a_call_outliving_the_gate_timeout_is_reported(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_slow", SLOW)
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1
+    ) as kernel:
+        started = anyio.Event()
+        kernel.services.provide("tests", "lc_slow_started", started)
+        bot = MockBot(kernel)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bot.receive, "/lc_slow")
+            await started.wait()
+            with anyio.fail_after(5):
+                await kernel.plugins.disable("lc_slow")
+            tg.cancel_scope.cancel()
+        warnings = [r.message for r in kernel.logging.buffer.records if r.level == "WARNING"]
+        assert any("1 call(s) into 'lc_slow#1' still running" in m for m in warnings), warnings
