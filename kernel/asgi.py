@@ -115,8 +115,8 @@ class KernelApp:
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self._app: ASGIApp = self._build()
         self.routes: list[BaseRoute] = []
+        self._app: ASGIApp = self._build()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

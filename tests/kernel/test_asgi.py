@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,15 +12,7 @@ import pytest
 from kernel import ConflictError, PluginLoadError, PluginState
 from kernel.kernel import Kernel
 from kernel.testing import running_kernel
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
+from tests.plugin_factory import write_plugin
 
 
 @asynccontextmanager

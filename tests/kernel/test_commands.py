@@ -13,15 +13,7 @@ from kernel.errors import ContributionError, NekoError
 from kernel.kernel import Kernel
 from kernel.models import CommandInvocation
 from kernel.testing import MockBot, running_kernel
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
+from tests.plugin_factory import write_plugin
 
 
 def commands_plugin(specs: str, handlers: str = "") -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,16 +14,7 @@ import pytest
 from kernel import Reply, Segment, Sender, Target
 from kernel.kernel import Kernel
 from kernel.testing import MockBot, running_kernel
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
-
+from tests.plugin_factory import write_plugin
 
 _ECHO = """
 from kernel import CommandSpec, Reply, Segment, hookimpl
@@ -168,7 +159,8 @@ async def test_running_kernel_options_can_be_overridden(tmp_path: Path) -> None:
     async with running_kernel(
         tmp_path / "data", builtin_plugins=["help"], watchdog=True, handler_timeout=3
     ) as kernel:
-        assert kernel.config.watchdog is True
+        # Not just stored: the watchdog runs.
+        assert any(t.get_name() == "nekobot-watchdog" for t in asyncio.all_tasks())
         assert kernel.config.handler_timeout == 3
         assert kernel.config.hot_reload is False
         assert list(kernel.plugins.records) == ["help"]

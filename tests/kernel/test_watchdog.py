@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -12,16 +11,7 @@ import pytest
 
 from kernel.testing import MockBot, running_kernel
 from kernel.watchdog import LoopWatchdog
-
-
-def write_plugin(root: Path, name: str, body: str) -> Path:
-    """Write a directory plugin `root/name` whose `__init__.py` is `body`."""
-    directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plugin.toml").write_text(f'name = "{name}"\nversion = "1.0"\n')
-    (directory / "__init__.py").write_text(textwrap.dedent(body))
-    return directory
-
+from tests.plugin_factory import write_plugin
 
 _BLOCKER = """
 import time
