@@ -3,6 +3,7 @@
 from kernel.config import KernelConfig
 from kernel.context import PluginContext
 from kernel.errors import (
+    CommandNotFoundError,
     ConfigError,
     ConflictError,
     ContributionError,
@@ -42,6 +43,7 @@ from kernel.version import __version__
 __all__ = [
     "ChannelSpec",
     "CommandInvocation",
+    "CommandNotFoundError",
     "CommandSpec",
     "ConfigError",
     "ConflictError",

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
 import anyio
 import attrs
 import pluggy
 
-from kernel.errors import ContributionError
-from kernel.hookspecs import CONTRIBUTION_HOOKS
+from kernel.errors import ContributionError, PluginLoadError
+from kernel.hookspecs import CONTRIBUTION_HOOKS, all_hook_names
 from kernel.lifecycle import Gate, GateClosedError
 from kernel.models import (
     ChannelSpec,
@@ -110,6 +111,21 @@ def collect_contributions(pm: pluggy.PluginManager, pm_name: str, owner: str) ->
             field = _FIELD_OF[hook]
             values[field] = (*values.get(field, ()), *items)
     return Contributions(**values)
+
+
+_HOOK_NAMES = frozenset(all_hook_names())
+
+
+def check_hook_names(owner: str, module: ModuleType, registered: Collection[str]) -> None:
+    """Every `nekobot_*` callable of `module` must be a known hook marked `@hookimpl`
+    (`registered`: the hooks pluggy found); a typo or a missing marker is a load error."""
+    named = [a for a in dir(module) if a.startswith("nekobot_") and callable(getattr(module, a))]
+    unknown = [a for a in named if a not in _HOOK_NAMES]
+    if unknown:
+        raise PluginLoadError(owner, f"unknown hook(s) {', '.join(unknown)}")
+    unmarked = [a for a in named if a not in registered]
+    if unmarked:
+        raise PluginLoadError(owner, f"{', '.join(unmarked)} not marked with @hookimpl")
 
 
 @attrs.frozen

@@ -15,10 +15,10 @@ from typing import Any
 
 import attrs
 
-from kernel.errors import ContributionError, NekoError
+from kernel.errors import CommandNotFoundError, ContributionError, NekoError
 from kernel.models import CommandConflict, CommandSpec
 
-_KEY_RE = re.compile(r"^[^\s:/]{1,64}$")
+_KEY_RE = re.compile(r"[^\s:/]{1,64}")
 # Characters on which shlex.split and str.split could disagree (quotes, escapes, and the
 # ASCII whitespace str.split knows but shlex does not).
 _SHLEX_SPECIAL = re.compile(r"[\"'\\\x0b\x0c\x1c-\x1f]")
@@ -27,7 +27,7 @@ _SHLEX_SPECIAL = re.compile(r"[\"'\\\x0b\x0c\x1c-\x1f]")
 def normalize_key(name: str) -> str:
     """Case-fold a command name or alias; raise ValueError if it cannot be a key."""
     key = name.strip().casefold()
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise ValueError(f"invalid command name {name!r} (no spaces, ':' or '/'; 1-64 chars)")
     return key
 
@@ -306,7 +306,7 @@ class CommandRegistry:
         key = normalize_key(key)
         owners = [c.owner for c in self._claims.get(key, ())]
         if plugin not in owners:
-            raise NekoError(f"plugin {plugin!r} does not claim command {key!r}")
+            raise CommandNotFoundError(f"plugin {plugin!r} does not claim command {key!r}")
         self.resolutions[key] = plugin
         self._elect_all([key])
         return self._conflict(key) if len(owners) > 1 else None
@@ -322,7 +322,7 @@ class CommandRegistry:
         key = normalize_key(alias)
         entry = self._qualified.get(qualified.casefold())
         if entry is None:
-            raise NekoError(f"no command {qualified!r}")
+            raise CommandNotFoundError(f"no command {qualified!r}")
         if key in self._claim_keys(entry):
             return
         self.admin_aliases[key] = entry.qualified
@@ -334,7 +334,7 @@ class CommandRegistry:
         key = normalize_key(alias)
         qualified = self.admin_aliases.pop(key, None)
         if qualified is None:
-            raise NekoError(f"no admin alias {alias!r}")
+            raise CommandNotFoundError(f"no admin alias {alias!r}")
         claims = [c for c in self._claims.get(key, ()) if c.qualified != qualified]
         if claims:
             self._claims[key] = claims

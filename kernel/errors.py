@@ -85,6 +85,12 @@ class ConflictError(NekoError):
         self.newcomer = newcomer
 
 
+class CommandNotFoundError(NekoError):
+    """The command registry knows no such command, claim or admin alias."""
+
+    code = "command_not_found"
+
+
 class ContributionError(NekoError):
     """A plugin contributed something malformed (wrong type, duplicate inside the plugin)."""
 

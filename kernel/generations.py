@@ -20,7 +20,13 @@ import anyio.to_thread
 import attrs
 import pluggy
 
-from kernel.calling import Contributions, call_impl, collect_contributions, impls_of
+from kernel.calling import (
+    Contributions,
+    call_impl,
+    check_hook_names,
+    collect_contributions,
+    impls_of,
+)
 from kernel.commands import CommandEntry
 from kernel.context import PluginContext
 from kernel.errors import (
@@ -28,7 +34,6 @@ from kernel.errors import (
     PluginError,
     PluginLoadError,
 )
-from kernel.hookspecs import all_hook_names
 from kernel.lifecycle import Gate, Scope
 from kernel.loader import (
     ImportedGeneration,
@@ -49,7 +54,6 @@ if TYPE_CHECKING:
 
 STATE_SECTION = "plugins"
 CONFIG_SECTION = "plugin_config"
-_HOOK_NAMES = frozenset(all_hook_names())
 
 
 @attrs.define(eq=False, slots=False)  # slots=False: cached_property
@@ -221,7 +225,7 @@ class GenerationOps:
             imported = await anyio.to_thread.run_sync(
                 lambda: self.kernel.loader.import_plugin(cand, fresh=True)
             )
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() must not stop us
             raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from exc
         rec.generations += 1
         pm_name = f"{name}#{rec.generations}"
@@ -231,17 +235,7 @@ class GenerationOps:
             except Exception as exc:
                 raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
             hooks = self._hooks_of(pm_name)
-            named = [
-                a
-                for a in dir(imported.module)
-                if a.startswith("nekobot_") and callable(getattr(imported.module, a))
-            ]
-            unknown = [a for a in named if a not in _HOOK_NAMES]
-            if unknown:
-                raise PluginLoadError(name, f"unknown hook(s) {', '.join(unknown)}")
-            unmarked = [a for a in named if a not in hooks]
-            if unmarked:
-                raise PluginLoadError(name, f"{', '.join(unmarked)} not marked with @hookimpl")
+            check_hook_names(name, imported.module, hooks)
             contributions = collect_contributions(self.pm, pm_name, name)
             schema = contributions.config_schema or (
                 cand.manifest.config_schema if cand.manifest else None

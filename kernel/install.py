@@ -30,12 +30,12 @@ import attrs
 import pluggy
 
 from kernel.archive import ArchiveLimits, extract_archive, inspect_archive, remove_staging
-from kernel.calling import Contributions, collect_contributions
+from kernel.calling import Contributions, check_hook_names, collect_contributions
 from kernel.commands import CommandEntry
 from kernel.deps import install_requirements, missing_requirements
 from kernel.errors import InstallError, NekoError, PluginExistsError, PluginLoadError
 from kernel.generations import STATE_SECTION
-from kernel.hookspecs import PROJECT, SPEC_MODULES, all_hook_names
+from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import PluginCandidate, shadows_module
 from kernel.manifest import check_compatible
 from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSource, PluginState
@@ -43,8 +43,6 @@ from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSou
 if TYPE_CHECKING:
     from kernel.generations import PluginRecord
     from kernel.kernel import Kernel
-
-_HOOK_NAMES = frozenset(all_hook_names())
 
 
 @attrs.frozen
@@ -242,14 +240,7 @@ def _contributions_of(name: str, module: ModuleType) -> Contributions:
         pm.register(module, name=pm_name)
     except Exception as exc:
         raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
-    hooks = {c.name for c in pm.get_hookcallers(module) or []}
-    named = [a for a in dir(module) if a.startswith("nekobot_") and callable(getattr(module, a))]
-    unknown = [a for a in named if a not in _HOOK_NAMES]
-    if unknown:
-        raise PluginLoadError(name, f"unknown hook(s) {', '.join(unknown)}")
-    unmarked = [a for a in named if a not in hooks]
-    if unmarked:
-        raise PluginLoadError(name, f"{', '.join(unmarked)} not marked with @hookimpl")
+    check_hook_names(name, module, {c.name for c in pm.get_hookcallers(module) or []})
     try:
         return collect_contributions(pm, pm_name, name)
     except NekoError as exc:

@@ -114,7 +114,7 @@ class Kernel:
         await anyio.to_thread.run_sync(
             lambda: self.config.data_dir.mkdir(parents=True, exist_ok=True)
         )
-        self.logging.start()
+        await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
 
@@ -32,7 +33,7 @@ class LoopWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: (plugin or None, seconds blocked so far) of each detected stall.
-        self.stalls: list[tuple[str | None, float]] = []
+        self.stalls: deque[tuple[str | None, float]] = deque(maxlen=1000)
 
     async def run(self) -> None:
         """The heartbeat; run it as a task of the kernel. Starts the watching thread."""

@@ -20,6 +20,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel.errors import (
+    CommandNotFoundError,
     ConfigError,
     ConflictError,
     ContributionError,
@@ -42,6 +43,7 @@ RESPONSE_HEADERS = "nekobot.response_headers"
 #: Most specific first.
 _STATUS: tuple[tuple[type[NekoError], int], ...] = (
     (PluginNotFoundError, 404),
+    (CommandNotFoundError, 404),
     (EssentialPluginError, 403),
     (ReloadError, 422),
     (PluginLoadError, 422),

@@ -25,19 +25,18 @@ from builtin_plugins.api.shapes import command_json, conflict_json
 from builtin_plugins.api.web import PAGE_PARAMS, ApiError, check_query, paginate, read_json, success
 from kernel import KernelEvent, RouteSpec, hookimpl
 from kernel.commands import normalize_key
-from kernel.errors import NekoError
+from kernel.errors import CommandNotFoundError
 
 
 @contextmanager
 def _registry_errors(*, invalid: str, missing: str) -> Iterator[None]:
     """The registry's errors as answers: a name that cannot be a command key is a 400
-    naming `invalid`; what the registry does not know (a NekoError) is a 404 naming
-    `missing`."""
+    naming `invalid`; what the registry does not know is a 404 naming `missing`."""
     try:
         yield
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_field", {"field": invalid}) from None
-    except NekoError as exc:
+    except CommandNotFoundError as exc:
         raise ApiError(404, exc.message, "not_found", {"field": missing}) from None
 
 

@@ -403,3 +403,18 @@ async def test_admin_alias_works_and_persists(tmp_path: Path) -> None:
         assert await bot.receive("/pg") == []
     async with running_kernel(data, plugin_dirs=[plugins]) as kernel:
         assert await MockBot(kernel).receive("/pg") == []
+
+
+def test_unknown_claims_and_aliases_are_typed_not_found() -> None:
+    from kernel.commands import CommandRegistry
+    from kernel.errors import CommandNotFoundError
+
+    registry = CommandRegistry()
+    with pytest.raises(CommandNotFoundError):
+        registry.resolve("nothing", "nobody")
+    with pytest.raises(CommandNotFoundError):
+        registry.add_alias("x", "nobody:nothing")
+    with pytest.raises(CommandNotFoundError):
+        registry.remove_alias("x")
+    with pytest.raises(ValueError):
+        registry.resolve("two words", "nobody")

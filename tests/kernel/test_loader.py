@@ -206,3 +206,17 @@ def test_discovery_ignores_hidden_and_private_directories(tmp_path: Path) -> Non
     (tmp_path / "stray.py").write_text("")
     assert [c.name for c in discover_directory(tmp_path)] == ["ld_visible"]
     assert discover_directory(tmp_path / "missing") == []
+
+
+@pytest.mark.anyio
+async def test_a_plugin_calling_sys_exit_at_import_is_a_load_error(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "ld_exits", "import sys\nsys.exit(3)\n")
+    write_plugin(plugins, "ld_fine", "")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        info = kernel.plugins.info("ld_exits")
+        assert info.state is PluginState.FAILED
+        assert "SystemExit" in (info.error or "")
+        assert kernel.plugins.info("ld_fine").state is PluginState.ACTIVE
+        with pytest.raises(PluginLoadError, match="SystemExit"):
+            await kernel.plugins.reload("ld_exits")
