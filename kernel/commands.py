@@ -325,6 +325,12 @@ class CommandRegistry:
             raise CommandNotFoundError(f"no command {qualified!r}")
         if key in self._claim_keys(entry):
             return
+        own = [c for c in self._claims.get(key, ()) if c.owner == entry.owner]
+        if own and self.admin_aliases.get(key) != own[0].qualified:
+            # One plugin claims a key once: a second claim would outlive its reload.
+            raise ValueError(f"{key!r} is already a command key of plugin {entry.owner!r}")
+        if key in self.admin_aliases:  # re-pointed: the old target lets go of it first
+            self.remove_alias(key)
         self.admin_aliases[key] = entry.qualified
         self._claims.setdefault(key, []).append(entry)
         self._elect_all([key])

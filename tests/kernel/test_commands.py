@@ -418,3 +418,25 @@ def test_unknown_claims_and_aliases_are_typed_not_found() -> None:
         registry.remove_alias("x")
     with pytest.raises(ValueError):
         registry.resolve("two words", "nobody")
+
+
+def test_an_alias_is_claimed_once_per_plugin_and_can_be_repointed() -> None:
+    from kernel.commands import CommandRegistry
+    from kernel.models import CommandSpec
+
+    async def h(cmd: object) -> None:
+        return None
+
+    registry = CommandRegistry()
+    entries = registry.prepare("p", [CommandSpec("a", h), CommandSpec("b", h)])
+    registry.add("p", entries)
+    with pytest.raises(ValueError, match="already a command key"):
+        registry.add_alias("b", "p:a")
+    registry.add_alias("x", "p:a")
+    registry.add_alias("x", "p:b")  # re-pointed, not claimed twice
+    assert registry.lookup("x") is not None and registry.lookup("x").name == "b"
+    new = registry.prepare("p", [CommandSpec("a", h), CommandSpec("b", h)])
+    registry.replace_owner("p", new)  # a reload
+    found = registry.lookup("x")
+    assert found is not None and found.name == "b" and found in new
+    assert registry.conflicts() == []
