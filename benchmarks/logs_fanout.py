@@ -516,7 +516,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     idle, loaded, stats = result["idle"], result["loaded"], result["stats"]
     received: list[int] = result["received"]
-    emitted = stats["emitted"]
+    # The counter also holds the unsubscribed phase: count the timed load only.
+    emitted = stats["emitted"] - result["stats_before"]["emitted"]
     emit_s = stats["emit_seconds"] or opts.seconds
     per_sub = sorted(r / emit_s for r in received)
     # Skips during the load only (a subscriber dropped meanwhile is not in the list).
