@@ -6,6 +6,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,8 @@ class KernelLogHandler(logging.Handler):
         self.kernel_id = kernel_id
         self.records: deque[LogRecord] = deque(maxlen=maxlen)
         self.subscribers: list[LogSubscriber] = []
+        #: Where records go to be written to the file (by another thread), if anywhere.
+        self.sink: Callable[[LogRecord], None] | None = None
         self._seq = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -50,7 +53,6 @@ class KernelLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._seq += 1
-            record.nekobot_seq = self._seq  # the file handler (after this one) writes it too
             exc_text = None
             if record.exc_info:
                 # Keep the text only: a traceback object would keep a plugin's frames
@@ -66,6 +68,8 @@ class KernelLogHandler(logging.Handler):
                 exc_text=exc_text,
             )
             self.records.append(item)
+            if self.sink is not None:
+                self.sink(item)
             for subscriber in list(self.subscribers):
                 subscriber(item)
         except Exception:
@@ -86,22 +90,21 @@ class KernelLogHandler(logging.Handler):
         return unsubscribe
 
 
-class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per line, with the fields of `LogRecord`, so the file can be read
-    back by the API."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "seq": getattr(record, "nekobot_seq", 0),
-                "time": record.created,
-                "level": record.levelname,
-                "logger": record.name,
-                "plugin": getattr(record, "plugin", None),
-                "message": record.getMessage(),
-            },
-            ensure_ascii=False,
-        )
+def json_line(record: LogRecord) -> str:
+    """One record as a line of the log file: JSON with the fields of `LogRecord` (a
+    traceback is part of the message there), read back by `read_log_file`."""
+    message = record.message
+    if record.exc_text:
+        message = f"{message}\n{record.exc_text}"
+    item = {
+        "seq": record.seq,
+        "time": record.time,
+        "level": record.level,
+        "logger": record.logger,
+        "plugin": record.plugin,
+        "message": message,
+    }
+    return json.dumps(item, ensure_ascii=False) + "\n"
 
 
 def read_log_file(
@@ -140,36 +143,76 @@ def read_log_file(
     return out
 
 
+class _FileWriter(threading.Thread):
+    """Writes records to the log file in batches, off the event loop: one write (and one
+    flush) for whatever queued up meanwhile, rotating by size like
+    `logging.handlers.RotatingFileHandler` (whose rotation it uses)."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(name="nekobot-log-file", daemon=True)
+        self.queue: queue.SimpleQueue[LogRecord | None] = queue.SimpleQueue()
+        self._handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
+        )
+        self._max_bytes = max_bytes
+
+    def run(self) -> None:
+        done = False
+        while not done:
+            batch = [self.queue.get()]
+            while len(batch) < 2048:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:  # stop: write what came before it
+                batch = batch[: batch.index(None)]
+                done = True
+            try:
+                self._write("".join(json_line(r) for r in batch if r is not None))
+            except Exception:  # a full disk must not end the thread, nor reach the loop
+                logging.getLogger("nekobot.kernel").debug("log file write failed", exc_info=True)
+        self._handler.close()
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        handler = self._handler
+        if handler.stream is None:
+            handler.stream = handler._open()
+        handler.stream.write(text)
+        handler.stream.flush()
+        if handler.stream.tell() >= self._max_bytes:
+            handler.doRollover()
+
+    def stop(self) -> None:
+        """Write what is queued, close the file, end the thread."""
+        self.queue.put(None)
+        self.join()
+
+
 class KernelLogging:
-    """Attaches one kernel's handlers to the `nekobot` logger, and detaches them."""
+    """Attaches one kernel's handler to the `nekobot` logger, and detaches it."""
 
     def __init__(self, kernel_id: str, log_dir: Path, maxlen: int) -> None:
         self.buffer = KernelLogHandler(kernel_id, maxlen)
         self._log_dir = log_dir
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        # It formats a traceback into the message and drops exc_info before queueing.
-        self._queue_handler = logging.handlers.QueueHandler(self._queue)
-        self._queue_handler.addFilter(self.buffer.filter)
-        self._listener: logging.handlers.QueueListener | None = None
+        self._writer: _FileWriter | None = None
 
     def start(self) -> None:
-        """Attach the handlers; the file is written by a listener thread, not the loop."""
+        """Attach the handler; the file is written by a thread of its own, not the loop."""
         self._log_dir.mkdir(parents=True, exist_ok=True)
         # Numbering goes on from the file's last record: the file holds earlier runs too,
         # and `seq` orders its records.
         tail = read_log_file(self.file, max_bytes=64 << 10)
         self.buffer._seq = max([self.buffer._seq, *(r.seq for r in tail)])
-        file_handler = logging.handlers.RotatingFileHandler(
-            self.file, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
-        )
-        file_handler.setFormatter(JsonLinesFormatter())
-        self._listener = logging.handlers.QueueListener(self._queue, file_handler)
-        self._listener.start()
+        self._writer = _FileWriter(self.file, max_bytes=5_000_000, backups=3)
+        self._writer.start()
+        self.buffer.sink = self._writer.queue.put
         root = logging.getLogger("nekobot")
         if root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
         root.addHandler(self.buffer)
-        root.addHandler(self._queue_handler)
 
     @property
     def file(self) -> Path:
@@ -177,12 +220,9 @@ class KernelLogging:
         return self._log_dir / "nekobot.log"
 
     def stop(self) -> None:
-        """Detach the handlers and close the file."""
-        root = logging.getLogger("nekobot")
-        root.removeHandler(self.buffer)
-        root.removeHandler(self._queue_handler)
-        if self._listener is not None:
-            self._listener.stop()
-            for handler in self._listener.handlers:
-                handler.close()
-            self._listener = None
+        """Detach the handler and close the file."""
+        logging.getLogger("nekobot").removeHandler(self.buffer)
+        self.buffer.sink = None
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
