@@ -59,19 +59,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def uvicorn_config(app: object, port: int) -> object:
     """The uvicorn settings both servers share."""
-    import uvicorn
 
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host="127.0.0.1",
-        port=port,
-        loop="asyncio",
-        http="auto",  # what `nekobot run` uses: httptools if installed, else h11
-        ws="websockets-sansio",
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-    )
+    from kernel.server import uvicorn_config as kernel_config
+
+    # What `nekobot run` uses (httptools if installed, else h11), quieter.
+    return kernel_config(app, "127.0.0.1", port, log_level="warning", access_log=False)
 
 
 async def _serve_kernel(port: int, data_dir: Path) -> None:

@@ -305,20 +305,11 @@ async def _serve(config: KernelConfig, stopper: _Stopper) -> int:
     import uvicorn
 
     from kernel.kernel import Kernel
+    from kernel.server import uvicorn_config
 
     # The kernel is entered and left in this task, around the server it feeds.
     async with Kernel(config) as kernel:
-        server = uvicorn.Server(
-            uvicorn.Config(
-                kernel.asgi_app,
-                host=config.host,
-                port=config.port,
-                loop="asyncio",
-                lifespan="on",
-                log_level="info",
-                ws="websockets-sansio",
-            )
-        )
+        server = uvicorn.Server(uvicorn_config(kernel.asgi_app, config.host, config.port))
         await _refuse_default_password_off_loopback(kernel, config.host)
         stopper.server = server
         if stopper.requested:

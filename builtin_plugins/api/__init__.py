@@ -84,8 +84,9 @@ async def websocket(ws: WebSocket) -> None:
 @hookimpl
 async def nekobot_plugin_start(ctx: PluginContext) -> None:
     ctx.provide(RATE_LIMIT_SERVICE, RateLimiter())
-    hub = Hub(ctx.kernel)
+    hub = Hub(ctx.kernel, ctx.start_task)
     ctx.provide(HUB_SERVICE, hub)
+    ctx.on_dispose(hub.aclose, name="ws relay")
     ctx.on_dispose(
         ctx.kernel.logging.buffer.subscribe(
             lambda record: hub.publish("logs", record_json(record))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -13,6 +14,7 @@ import pytest
 import uvicorn
 
 from kernel import Kernel, KernelConfig
+from kernel.server import uvicorn_config
 
 
 @attrs.define
@@ -45,15 +47,14 @@ def free_port() -> int:
         return port
 
 
-async def serve(kernel: Kernel, port: int) -> AsyncIterator[uvicorn.Server]:
-    config = uvicorn.Config(
-        kernel.asgi_app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        ws="websockets-sansio",
-    )
+async def serve(
+    kernel: Kernel, port: int, *, handoff: bool = True
+) -> AsyncIterator[uvicorn.Server]:
+    """Serve `kernel` as `nekobot run` does (`handoff=False`: with uvicorn's own WebSocket
+    protocol, so that the hub serves `/ws` connections in-process)."""
+    config = uvicorn_config(kernel.asgi_app, "127.0.0.1", port, log_level="warning", lifespan="off")
+    if not handoff:
+        config.ws = "websockets-sansio"
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
@@ -64,8 +65,8 @@ async def serve(kernel: Kernel, port: int) -> AsyncIterator[uvicorn.Server]:
         server.should_exit = True
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[ApiServer]:
+@asynccontextmanager
+async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[ApiServer]:
     """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>."""
     plugin_dir = tmp_path / "user_plugins"
     plugin_dir.mkdir()
@@ -81,5 +82,18 @@ async def api(tmp_path: Path) -> AsyncIterator[ApiServer]:
         # The admin token straight from the auth service: a login over HTTP costs two
         # scrypt runs (~0.1 s) per test; the tests of login itself log in themselves.
         token, _ = kernel.services.get("auth").issue("nekobot")
-        async for _ in serve(kernel, port):
+        async for _ in serve(kernel, port, handoff=handoff):
             yield ApiServer(kernel, f"http://127.0.0.1:{port}", token, plugin_dir)
+
+
+#: Parametrize a test's `api` with these (`indirect=True`) to run it both ways: `/ws`
+#: connections handed to the relay process, and served by the hub in-process.
+WS_MODES = ("relay", "in_process")
+
+
+@pytest.fixture
+async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ApiServer]:
+    """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>."""
+    mode = getattr(request, "param", "relay")
+    async with api_server(tmp_path, handoff=mode == "relay") as server:
+        yield server

@@ -15,9 +15,9 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from builtin_plugins.api import hub
+from builtin_plugins.api import fanout
 from builtin_plugins.auth.service import AuthService
-from tests.builtin_plugins.conftest import ApiServer
+from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 
 pytestmark = pytest.mark.anyio
 
@@ -157,10 +157,11 @@ async def close_code(ws: websockets.ClientConnection) -> int | None:
             return exc.rcvd.code if exc.rcvd is not None else None
 
 
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
 async def test_ws_without_a_token_is_closed_after_the_grace_period(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hub, "AUTH_GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(fanout, "AUTH_GRACE_SECONDS", 0.3)
     async with websockets.connect(ws_url(api)) as ws:
         assert await close_code(ws) in (4401, 1008)
     # A bad token in the header or the query string does not authenticate either.
@@ -174,6 +175,7 @@ async def test_ws_without_a_token_is_closed_after_the_grace_period(
             assert await close_code(ws) in (4401, 1008), why
 
 
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
 async def test_ws_with_a_bad_first_frame_is_closed_at_once(api: ApiServer) -> None:
     tokens = await bad_tokens(api)
     frames = [
@@ -190,6 +192,7 @@ async def test_ws_with_a_bad_first_frame_is_closed_at_once(api: ApiServer) -> No
             assert await close_code(ws) in (4401, 1008), frame
 
 
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
 async def test_ws_authenticates_by_header_query_or_first_frame(api: ApiServer) -> None:
     async def works(ws: websockets.ClientConnection) -> None:
         await ws.send(json.dumps({"action": "ping"}))
@@ -210,10 +213,11 @@ async def test_ws_authenticates_by_header_query_or_first_frame(api: ApiServer) -
         await works(ws)
 
 
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
 async def test_ws_is_closed_when_its_token_is_revoked_or_expires(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hub, "TOKEN_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(fanout, "TOKEN_CHECK_SECONDS", 0.05)
     async with api.client() as c:
         r = await c.post("/api/login", json={"username": "nekobot", "password": "nekobot"})
         token = r.json()["access_token"]
@@ -242,10 +246,11 @@ async def test_ws_is_closed_when_its_token_is_revoked_or_expires(
         assert await close_code(ws) == 4401
 
 
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
 async def test_ws_is_closed_when_a_password_change_voids_its_token(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hub, "TOKEN_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(fanout, "TOKEN_CHECK_SECONDS", 0.05)
     leaked = jwt.encode(claims(iat=int(time.time()) - 5), secret(api), algorithm="HS256")
     async with websockets.connect(
         ws_url(api), additional_headers={"Authorization": f"Bearer {leaked}"}

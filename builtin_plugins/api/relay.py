@@ -1,0 +1,368 @@
+"""The bot's end of the `/ws` relay process.
+
+The hub starts the relay (the script in `fanout.py`) the first time a connection can be
+handed off, and talks to it over one Unix stream socket. Everything a subscriber is sent
+is written by the relay; the bot only
+
+* forwards each published message once (lines are gathered for a few milliseconds and
+  written in one `send`),
+* hands over each accepted connection's socket with its upgrade request,
+* answers what needs the kernel: the token of a first `auth` frame, a plugin channel's
+  greeting and message handler,
+* watches tokens, and tells the relay to close a connection whose token expired, was
+  revoked or was voided by a password change, and
+* tells it which plugin channels exist, so subscribers of one that goes away hear of it.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from builtin_plugins.api import fanout
+from builtin_plugins.api.fanout import encode
+
+if TYPE_CHECKING:
+    from builtin_plugins.api.hub import Hub
+
+log = logging.getLogger("nekobot.api.relay")
+
+#: Published bytes the bot queues for a relay that does not keep up, before it drops.
+MAX_BACKLOG = 32 << 20
+#: Published lines are gathered this long before they are written to the relay.
+GATHER_SECONDS = 0.005
+#: How long the relay may take to start, and to stop.
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0
+
+StartTask = Callable[..., Any]
+
+
+class RelayLink:
+    """One relay process, and the connections the bot handed to it."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.alive = False
+        #: The relay's process id, once it is ready.
+        self.pid: int | None = None
+        #: Every connection handed over and not yet gone.
+        self.conns: set[int] = set()
+        #: The token claims of those whose token is checked, by connection.
+        self.claims: dict[int, Mapping[str, Any]] = {}
+        #: Published messages not forwarded because the relay fell too far behind.
+        self.dropped = 0
+        self._loop = hub.loop
+        self._sock: socket.socket | None = None
+        self._process: anyio.abc.Process | None = None
+        self._next_id = 0
+        self._lines: list[str] = []
+        self._gather: Any = None
+        self._queue: deque[list[Any]] = deque()  # [memoryview, fds]
+        self._queued = 0
+        self._writing = False
+        self._ready = anyio.Event()
+        self._conns_changed = anyio.Event()
+        self._stats: dict[int, list[Any]] = {}
+        self._next_stats = 0
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def start(self, start_task: StartTask) -> None:
+        """Start the relay process and wait until it is ready."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            command = [
+                sys.executable,
+                "-I",  # the standard library and site-packages only, nothing from cwd
+                str(Path(fanout.__file__)),
+                "--control",
+                str(theirs.fileno()),
+                f"--send-timeout={fanout.SEND_TIMEOUT}",
+                f"--auth-grace={fanout.AUTH_GRACE_SECONDS}",
+                f"--batch-interval={fanout.BATCH_INTERVAL}",
+                f"--ring-size={fanout.RING_SIZE}",
+                f"--private-limit={fanout.PRIVATE_LIMIT}",
+            ]
+            self._process = await anyio.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=None,
+                stderr=None,
+                pass_fds=(theirs.fileno(),),
+                # ^C at the terminal is for the bot, which then stops the relay in order.
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self.alive = True
+        start_task(self.run, name="ws relay")
+        try:
+            with anyio.fail_after(START_TIMEOUT):
+                await self._ready.wait()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Close every connection (1012: reconnect) and end the process."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        self.control({"op": "shutdown", "code": 1012, "reason": "server restarting; reconnect"})
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        self._broken()
+
+    def _broken(self) -> None:
+        self.alive = False
+        self.conns.clear()
+        self.claims.clear()
+        for item in self._queue:
+            for fd in item[1]:
+                os.close(fd)
+        self._queue.clear()
+        self._queued = 0
+        if self._sock is not None:
+            if self._writing:
+                self._loop.remove_writer(self._sock.fileno())
+                self._writing = False
+            self._sock.close()
+            self._sock = None
+        for waiter in self._stats.values():
+            waiter[0].set()
+
+    async def run(self) -> None:
+        """Read what the relay sends; watch the tokens of its connections."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_tokens)
+            async for op in self._ops():
+                self._op(op, tg)
+            tg.cancel_scope.cancel()
+        # The relay closed its end: stopped by us, or it died.
+        process, self._process = self._process, None
+        self._broken()
+        if process is not None:
+            log.warning("the /ws relay process ended; it restarts on the next connection")
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    def _op(self, op: Mapping[str, Any], tg: anyio.abc.TaskGroup) -> None:
+        name = op.get("op")
+        if name == "ready":
+            self.pid = int(op["pid"])
+            self._ready.set()
+            self.channels()
+        elif name == "gone":
+            self.conns.discard(op["conn"])
+            self.claims.pop(op["conn"], None)
+        elif name == "auth":
+            self._auth(op["conn"], op["token"])
+        elif name == "greet":
+            tg.start_soon(self._reply, op["conn"], self.hub.greet(op["channel"]))
+        elif name == "message":
+            tg.start_soon(
+                self._reply, op["conn"], self.hub.channel_message(op["channel"], op["data"])
+            )
+        elif name == "stats":
+            waiter = self._stats.pop(op["id"], None)
+            if waiter is not None:
+                waiter[1] = op["stats"]
+                waiter[0].set()
+
+    async def _ops(self) -> AsyncIterator[dict[str, Any]]:
+        buffer = bytearray()
+        while self._sock is not None:
+            await anyio.wait_readable(self._sock)
+            if self._sock is None:
+                return
+            try:
+                data = self._sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            end = buffer.rfind(b"\n")
+            if end < 0:
+                continue
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[: end + 1]
+            for line in lines:
+                yield json.loads(line.partition(b"\t")[2])
+
+    # -- connections ---------------------------------------------------------------------
+
+    def adopt(
+        self, fd: int, request: bytes, authenticated: bool, claims: Mapping[str, Any] | None
+    ) -> None:
+        """Hand an accepted connection over (this takes `fd`). `authenticated`: its
+        upgrade request carried a valid token; else it must send an `auth` frame."""
+        if not self.alive:
+            os.close(fd)
+            raise RuntimeError("the /ws relay is not running")
+        self._next_id += 1
+        conn = self._next_id
+        self.conns.add(conn)
+        if claims is not None:
+            self._watch(conn, claims)
+        op = {"op": "adopt", "conn": conn, "authed": authenticated}
+        op["request"] = request.decode("latin-1")
+        self.control(op, fds=[fd])
+
+    def close(self, conn: int, code: int, reason: str) -> None:
+        """Close one connection."""
+        self.claims.pop(conn, None)
+        self.control({"op": "close", "conn": conn, "code": code, "reason": reason})
+
+    def channels(self) -> None:
+        """Tell the relay which plugin channels exist now."""
+        names = sorted(entry.item.name for entry in self.hub.kernel.channels)
+        self.control({"op": "channels", "names": names})
+
+    async def stats(self) -> dict[str, Any]:
+        """The relay's counters (`Fanout.stats`), plus what the bot dropped."""
+        self._next_stats += 1
+        ident = self._next_stats
+        waiter: list[Any] = [anyio.Event(), None]
+        self._stats[ident] = waiter
+        self.control({"op": "stats", "id": ident})
+        with anyio.fail_after(5):
+            await waiter[0].wait()
+        stats: dict[str, Any] = dict(waiter[1] or {})
+        stats["dropped_by_bot"] = self.dropped
+        stats["pid"] = self.pid
+        return stats
+
+    def _auth(self, conn: int, token: str) -> None:
+        service = self.hub.kernel.services.get("auth")
+        claims = service.verify(token) if service is not None else None
+        ok = isinstance(claims, dict)
+        if isinstance(claims, dict) and conn in self.conns:
+            self._watch(conn, claims)
+        self.control({"op": "auth_result", "conn": conn, "ok": ok})
+
+    async def _reply(self, conn: int, answer: Awaitable[Mapping[str, Any] | None]) -> None:
+        message = await answer
+        if message is not None and conn in self.conns:
+            self.control({"op": "reply", "conn": conn, "text": encode(message)})
+
+    def _watch(self, conn: int, claims: Mapping[str, Any]) -> None:
+        self.claims[conn] = claims
+        self._conns_changed.set()
+
+    async def _watch_tokens(self) -> None:
+        """Close connections whose token is no longer valid: the auth service decides, as
+        for every HTTP request."""
+        while True:
+            now = time.time()
+            soonest = min((float(c.get("exp", 0)) for c in self.claims.values()), default=now)
+            delay = max(0.0, min(fanout.TOKEN_CHECK_SECONDS, soonest - now))
+            if not self.claims:
+                delay = fanout.TOKEN_CHECK_SECONDS
+            self._conns_changed = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._conns_changed.wait()
+                continue
+            still_valid = getattr(self.hub.kernel.services.get("auth"), "still_valid", None)
+            for conn, claims in list(self.claims.items()):
+                expires = float(claims.get("exp", 0))
+                valid = still_valid(claims) if still_valid is not None else time.time() < expires
+                if not valid:
+                    self.close(conn, 4401, "token expired or revoked")
+
+    # -- writing -------------------------------------------------------------------------
+
+    def publish(self, channel: str, text: str) -> None:
+        """Forward one encoded message (loop thread; never blocks)."""
+        if not self.alive or "\t" in channel or "\n" in channel:
+            return
+        if self._queued > MAX_BACKLOG:
+            self.dropped += 1
+            return
+        self._lines.append(f"m\t{channel}\t{text}\n")
+        if self._gather is None:
+            self._gather = self._loop.call_later(GATHER_SECONDS, self._flush_lines)
+
+    def _flush_lines(self) -> None:
+        self._gather = None
+        if self._lines:
+            data = "".join(self._lines).encode()
+            self._lines.clear()
+            self._enqueue(data, [])
+
+    def control(self, op: Mapping[str, Any], fds: list[int] | None = None) -> None:
+        """Send a control operation now (after the lines gathered so far)."""
+        if not self.alive:
+            for fd in fds or ():
+                os.close(fd)
+            return
+        if self._gather is not None:
+            self._gather.cancel()
+        self._flush_lines()
+        self._enqueue(b"c\t" + encode(op).encode() + b"\n", fds or [])
+
+    def _enqueue(self, data: bytes, fds: list[int]) -> None:
+        self._queue.append([memoryview(data), fds])
+        self._queued += len(data)
+        if not self._writing:
+            self._drain()
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while self._queue:
+            item = self._queue[0]
+            view, fds = item
+            try:
+                if fds:
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = sock.sendmsg([view], ancillary)
+                else:
+                    sent = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(sock.fileno(), self._drain)
+                return
+            except OSError:
+                self._broken()
+                return
+            for fd in fds:  # the relay holds them now
+                os.close(fd)
+            item[1] = []
+            self._queued -= sent
+            if sent == len(view):
+                self._queue.popleft()
+            else:
+                item[0] = view[sent:]
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(sock.fileno())
