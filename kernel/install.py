@@ -282,7 +282,7 @@ async def _take_back(kernel: Kernel, name: str, before: dict[str, str], exc: Bas
         listed = ", ".join(f"{n}=={v}" for n, v in sorted(added.items()))
         try:
             await uninstall_distributions(list(added))
-            notes.append(f"the dependencies installed for it were uninstalled again ({listed})")
+            notes.append(f"the dependencies pip installed for it were uninstalled again: {listed}")
         except Exception as err:
             kernel.log.error("could not uninstall %s after a failed install: %s", listed, err)
             notes.append(f"uninstalling the dependencies installed for it failed: {err}")
@@ -293,7 +293,7 @@ async def _take_back(kernel: Kernel, name: str, before: dict[str, str], exc: Bas
         return
     note = "; ".join(notes)
     if isinstance(exc, NekoError):
-        exc.message = f"{exc.message} ({note})"
+        exc.message = f"{exc.message}; {note}"
         exc.args = (exc.message,)
     else:
         exc.add_note(note)

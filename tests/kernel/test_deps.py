@@ -235,7 +235,7 @@ async def test_failed_install_uninstalls_only_what_it_installed(
                 await install_archive(k, _plugin_zip(deps, code, name), enable=True)
             message = caught.value.message
             assert failure in message
-            assert "uninstalled again (nekotestdep-d==1.0)" in message
+            assert "uninstalled again: nekotestdep-d==1.0" in message
             with pytest.raises(importlib.metadata.PackageNotFoundError):
                 importlib.metadata.version("nekotestdep_d")
             assert "nekotestdep_d" not in sys.modules
@@ -274,7 +274,7 @@ async def test_a_changed_version_is_reported_not_restored(
         await install._take_back(k, "dd_changed", next(snapshots), error)
     assert removed == [["z"]]
     assert error.message == (
-        "cannot start (the dependencies installed for it were uninstalled again (z==0.1); "
-        "pip changed installed versions, not restored: x 1.0 -> 2.0)"
+        "cannot start; the dependencies pip installed for it were uninstalled again: "
+        "z==0.1; pip changed installed versions, not restored: x 1.0 -> 2.0"
     )
     assert str(error) == error.message

@@ -499,7 +499,7 @@ async def test_failed_upload_uninstalls_the_dependencies_it_installed(
             assert deps["pip_install_allowed"] is True
 
             r = await upload(c, data, enable="true")
-            assert_error(r, 422, "cannot start", "uninstalled again (nekotestdep-f==1.0)")
+            assert_error(r, 422, "cannot start", "uninstalled again: nekotestdep-f==1.0")
         with pytest.raises(importlib.metadata.PackageNotFoundError):
             importlib.metadata.version("nekotestdep_f")
         assert listing(api.plugin_dir) == []
