@@ -4,19 +4,26 @@ Only when the `allow_pip_install` setting is on. Every distribution installed no
 passed to pip as a constraint (`name==version`), so a plugin can add packages but can
 never change a version the core (or another plugin) already depends on. pip first
 resolves with `--dry-run`; nothing is installed unless the whole set resolves.
+
+`installed_distributions` snapshots what is installed, so that an install can take back
+exactly the distributions it added (`uninstall_distributions`) when the plugin then
+fails to load.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import json
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import anyio
 import anyio.to_thread
+import attrs
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -42,13 +49,48 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
     return missing
 
 
-def _constraints_file() -> str:
-    """A temporary constraints file pinning every installed distribution."""
+@attrs.frozen
+class DependencyStatus:
+    """A plugin's manifest dependencies as an install (or a dry run) found them."""
+
+    #: The manifest's `dependencies`.
+    requirements: tuple[str, ...] = ()
+    #: Those the installed distributions do not satisfy.
+    missing: tuple[str, ...] = ()
+    #: The `allow_pip_install` setting.
+    pip_install_allowed: bool = False
+    #: A dry run: what pip would install (`name==version`), if it was asked to resolve.
+    would_install: tuple[str, ...] = ()
+    #: An install: the distributions pip added for this plugin (`name==version`).
+    installed: tuple[str, ...] = ()
+    #: Why installing the missing ones would fail (setting off, pip cannot resolve).
+    problem: str | None = None
+
+
+def installed_distributions() -> dict[str, str]:
+    """Every installed distribution: canonical name -> version."""
+    importlib.invalidate_caches()
     pins: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:
             pins.setdefault(canonicalize_name(name), dist.version)
+    return pins
+
+
+def changed_distributions(
+    before: Mapping[str, str], after: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """What changed between two snapshots: (added: name -> version,
+    changed: name -> (old, new)). Removed distributions are not reported."""
+    added = {n: v for n, v in after.items() if n not in before}
+    changed = {n: (before[n], v) for n, v in after.items() if n in before and before[n] != v}
+    return added, changed
+
+
+def _constraints_file() -> str:
+    """A temporary constraints file pinning every installed distribution."""
+    pins = installed_distributions()
     fd, path = tempfile.mkstemp(prefix="nekobot-constraints-", suffix=".txt")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(f"{name}=={version}\n" for name, version in sorted(pins.items()))
@@ -85,6 +127,43 @@ async def install_requirements(
     missing = await anyio.to_thread.run_sync(missing_requirements, requirements)
     if not missing:
         return []
+    # Resolve first: a real install that fails halfway could leave some packages in.
+    await _pip_install(missing, pip_args, [["--dry-run"]] if dry_run else [["--dry-run"], []])
+    return missing
+
+
+async def resolve_requirements(
+    requirements: Sequence[str], *, pip_args: Sequence[str] = ()
+) -> list[str]:
+    """What pip would install for the missing ones of `requirements`, installing nothing.
+
+    Returns `name==version` of each distribution pip would add, sorted. Raises
+    InstallError naming the requirement that does not resolve.
+    """
+    missing = await anyio.to_thread.run_sync(missing_requirements, requirements)
+    if not missing:
+        return []
+    fd, report = tempfile.mkstemp(prefix="nekobot-pip-report-", suffix=".json")
+    os.close(fd)
+    try:
+        await _pip_install(missing, pip_args, [["--dry-run", "--report", report]])
+        text = await anyio.Path(report).read_text(encoding="utf-8")
+    finally:
+        await anyio.to_thread.run_sync(os.unlink, report)
+    try:
+        items = json.loads(text)["install"]
+        return sorted(
+            f"{canonicalize_name(i['metadata']['name'])}=={i['metadata']['version']}"
+            for i in items
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InstallError(f"cannot read pip's resolution report: {exc!r}") from None
+
+
+async def _pip_install(
+    missing: Sequence[str], pip_args: Sequence[str], steps: Sequence[Sequence[str]]
+) -> None:
+    """Run `pip install <step> missing` for each step, under the constraints file."""
     constraints = await anyio.to_thread.run_sync(_constraints_file)
     base = [
         sys.executable,
@@ -97,8 +176,6 @@ async def install_requirements(
         constraints,
         *pip_args,
     ]
-    # Resolve first: a real install that fails halfway could leave some packages in.
-    steps = [["--dry-run"]] if dry_run else [["--dry-run"], []]
     try:
         for step in steps:
             with anyio.fail_after(PIP_TIMEOUT):
@@ -115,5 +192,60 @@ async def install_requirements(
         ) from None
     finally:
         await anyio.to_thread.run_sync(os.unlink, constraints)
-    importlib.invalidate_caches()
-    return missing
+        importlib.invalidate_caches()
+
+
+def _module_files(names: Collection[str]) -> set[str]:
+    """The real paths of the Python files that the distributions `names` installed."""
+    files: set[str] = set()
+    for name in names:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for f in dist.files or ():
+            if f.suffix == ".py":
+                files.add(os.path.realpath(str(dist.locate_file(f))))
+    return files
+
+
+def _forget_modules(files: set[str]) -> None:
+    """Drop the imported modules loaded from `files` (their files are gone)."""
+    for key, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and os.path.realpath(path) in files:
+            sys.modules.pop(key, None)
+
+
+async def uninstall_distributions(names: Collection[str]) -> None:
+    """Uninstall the distributions `names` with pip and forget their imported modules.
+
+    Only for distributions that an install added moments ago. Raises InstallError
+    naming them if pip fails.
+    """
+    if not names:
+        return
+    files = await anyio.to_thread.run_sync(_module_files, names)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "uninstall",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-y",
+        *sorted(names),
+    ]
+    try:
+        with anyio.fail_after(PIP_TIMEOUT):
+            result = await anyio.run_process(command, check=False)
+    except TimeoutError:
+        raise InstallError(
+            f"uninstalling {', '.join(sorted(names))} took longer than {PIP_TIMEOUT:.0f} s"
+        ) from None
+    finally:
+        importlib.invalidate_caches()
+    _forget_modules(files)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).decode("utf-8", "replace")
+        raise InstallError(f"uninstalling {', '.join(sorted(names))} failed: {_last_error(output)}")

@@ -2,15 +2,18 @@
 
 `install_archive` validates the archive (`kernel.archive`), extracts it into a staging
 directory next to its destination, imports the staged package once to check that it
-loads and to learn the commands it would register (so that a dry run can report the
-conflicts), and only then moves it into place with one rename. A plugin that replaces
-an active one is swapped in transactionally: if the new version does not load, the old
-files come back and the old generation keeps serving.
+loads and to learn what it would register (so that a dry run can report the command,
+route and WebSocket channel conflicts), and only then moves it into place with one
+rename. A plugin that replaces an active one is swapped in transactionally: if the new
+version does not load, the old files come back and the old generation keeps serving.
 
 Manifest `dependencies` that are not installed yet are refused unless the
 `allow_pip_install` setting is on; then they are installed with pip (`kernel.deps`)
-before the staged package is imported. A dry run only resolves them. Packages that
-pip installed stay installed if the plugin then fails to load.
+before the staged package is imported, and if the install fails after that, the
+distributions pip added are uninstalled again. Installs with dependencies are
+serialized per kernel, so that one install's snapshot never sees another's packages.
+A dry run installs nothing: it only resolves missing dependencies (when allowed), and
+does not import a package whose dependencies are missing, so its conflicts stay unknown.
 
 Importing the staged package runs its module-level code (as enabling it would):
 plugin upload must only be offered to administrators.
@@ -20,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -31,8 +36,15 @@ import pluggy
 
 from kernel.archive import ArchiveLimits, extract_archive, inspect_archive, remove_staging
 from kernel.calling import Contributions, check_hook_names, collect_contributions
-from kernel.commands import CommandEntry
-from kernel.deps import install_requirements, missing_requirements
+from kernel.deps import (
+    DependencyStatus,
+    changed_distributions,
+    install_requirements,
+    installed_distributions,
+    missing_requirements,
+    resolve_requirements,
+    uninstall_distributions,
+)
 from kernel.errors import InstallError, NekoError, PluginExistsError, PluginLoadError
 from kernel.generations import STATE_SECTION
 from kernel.hookspecs import PROJECT, SPEC_MODULES
@@ -43,6 +55,19 @@ from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSou
 if TYPE_CHECKING:
     from kernel.generations import PluginRecord
     from kernel.kernel import Kernel
+
+
+@attrs.frozen
+class RegistryConflict:
+    """A key (a route, a WebSocket channel, ...) that another plugin registered already;
+    enabling the plugin would fail on it."""
+
+    #: The registry's kind: "route", "WebSocket channel", "middleware", ...
+    kind: str
+    #: The key: `METHOD /path` (`WS /path`) for a route, the name otherwise.
+    key: str
+    #: The plugin that holds the key.
+    holder: str
 
 
 @attrs.frozen
@@ -62,6 +87,14 @@ class InstallResult:
     replaced: bool
     #: The plugin as the kernel sees it now (a dry run: the existing plugin, if any).
     plugin: PluginInfo | None
+    #: The manifest's dependencies: missing, would be or were installed.
+    dependencies: DependencyStatus = attrs.field(factory=DependencyStatus)
+    #: Why the conflicts are unknown (a dry run that could not import the package);
+    #: `conflicts` and `registry_conflicts` are then empty. None when they are known.
+    conflicts_unknown: str | None = None
+    #: Routes, channels and other registered keys that another plugin holds
+    #: (empty once the plugin is active: it could not be with such a clash).
+    registry_conflicts: tuple[RegistryConflict, ...] = ()
 
 
 async def install_archive(
@@ -78,8 +111,9 @@ async def install_archive(
     `enable` also loads it (a fresh install without `enable` is remembered as disabled);
     `overwrite` replaces an existing user plugin of the same name (reloading it if it is
     active; if the new version fails, the old one is restored and keeps serving);
-    `dry_run` validates, imports the package to report its command conflicts, and writes
-    nothing. `limits` defaults to ArchiveLimits with the `upload_max_bytes` setting.
+    `dry_run` validates, imports the package to report its conflicts (unless some of
+    its dependencies are missing), and writes and installs nothing. `limits` defaults
+    to ArchiveLimits with the `upload_max_bytes` setting.
     Errors: InstallError (the archive, the name, dependencies), ManifestError,
     PluginLoadError (the package does not import or contributes something invalid),
     ReloadError (replacing an active plugin failed; the old one still serves).
@@ -89,12 +123,10 @@ async def install_archive(
     plan = await anyio.to_thread.run_sync(inspect_archive, data, limits)
     name, manifest = plan.name, plan.manifest
     check_compatible(manifest)
-    missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
-    if missing and not kernel.settings.allow_pip_install:
-        raise InstallError(
-            f"plugin {name!r} requires dependencies ({', '.join(missing)}); "
-            "dependency installation is disabled (setting allow_pip_install)"
-        )
+    if not dry_run and not kernel.settings.allow_pip_install:
+        missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
+        if missing:
+            raise _pip_disabled(name, missing)
     rec = kernel.plugins.records.get(name)
     target = await anyio.to_thread.run_sync(_destination, kernel, name, rec)
     existing = rec is not None or await anyio.to_thread.run_sync(os.path.lexists, target)
@@ -102,24 +134,12 @@ async def install_archive(
 
     staged = await anyio.to_thread.run_sync(extract_archive, plan, data, target.parent)
     try:
-        if missing:
-            # Resolved first (nothing is installed unless all of them resolve), then
-            # installed before the package is imported, since it may import them.
-            await install_requirements(missing, pip_args=kernel.config.pip_args, dry_run=dry_run)
-        commands = await _staged_commands(kernel, name, manifest, staged, rec)
-        preview = tuple(kernel.commands.preview(name, commands))
-        if dry_run:
-            return InstallResult(
-                manifest=manifest,
-                name=name,
-                installed=False,
-                enabled=False,
-                conflicts=preview,
-                dry_run=True,
-                replaced=existing,
-                plugin=kernel.plugins.info(name) if rec is not None else None,
+        async with _dependency_lock(kernel, manifest.dependencies):
+            if dry_run:
+                return await _dry_run(kernel, name, manifest, staged, rec, existing)
+            deps, preview, registry = await _install(
+                kernel, name, manifest, staged, target, rec, enable=enable, overwrite=overwrite
             )
-        await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
     finally:
         await anyio.to_thread.run_sync(remove_staging, staged)
 
@@ -134,7 +154,150 @@ async def install_archive(
         dry_run=False,
         replaced=existing,
         plugin=info,
+        dependencies=deps,
+        registry_conflicts=() if active else registry,
     )
+
+
+def _pip_disabled(name: str, missing: Iterable[str]) -> InstallError:
+    return InstallError(
+        f"plugin {name!r} requires dependencies ({', '.join(missing)}); "
+        "dependency installation is disabled (setting allow_pip_install)"
+    )
+
+
+_DEPENDENCY_LOCKS: weakref.WeakKeyDictionary[Kernel, anyio.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _dependency_lock(kernel: Kernel, requirements: Iterable[str]) -> AsyncIterator[None]:
+    """Serialize the installs (and dry runs) that list dependencies, per kernel.
+
+    One install's before/after snapshot of the installed distributions must not see
+    another's packages, and one must not count on a package that another's rollback
+    is about to uninstall.
+    """
+    if not tuple(requirements):
+        yield
+        return
+    lock = _DEPENDENCY_LOCKS.get(kernel)
+    if lock is None:
+        lock = _DEPENDENCY_LOCKS[kernel] = anyio.Lock()
+    async with lock:
+        yield
+
+
+async def _dry_run(
+    kernel: Kernel,
+    name: str,
+    manifest: PluginManifest,
+    staged: Path,
+    rec: PluginRecord | None,
+    existing: bool,
+) -> InstallResult:
+    """Report what installing would do; install, write and register nothing."""
+    allowed = kernel.settings.allow_pip_install
+    missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
+    deps = DependencyStatus(tuple(manifest.dependencies), tuple(missing), allowed)
+    result = InstallResult(
+        manifest=manifest,
+        name=name,
+        installed=False,
+        enabled=False,
+        conflicts=(),
+        dry_run=True,
+        replaced=existing,
+        plugin=kernel.plugins.info(name) if rec is not None else None,
+        dependencies=deps,
+    )
+    if missing:
+        if not allowed:
+            deps = attrs.evolve(deps, problem=_pip_disabled(name, missing).message)
+        else:
+            try:
+                would = await resolve_requirements(missing, pip_args=kernel.config.pip_args)
+                deps = attrs.evolve(deps, would_install=tuple(would))
+            except InstallError as exc:
+                deps = attrs.evolve(deps, problem=exc.message)
+        # Importing it would fail (or, worse, pass by luck) without its dependencies.
+        reason = (
+            f"the package was not imported: its dependencies {', '.join(missing)} are not "
+            "installed, and a dry run installs nothing"
+        )
+        return attrs.evolve(result, dependencies=deps, conflicts_unknown=reason)
+    preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
+    return attrs.evolve(result, conflicts=preview, registry_conflicts=registry)
+
+
+async def _install(
+    kernel: Kernel,
+    name: str,
+    manifest: PluginManifest,
+    staged: Path,
+    target: Path,
+    rec: PluginRecord | None,
+    *,
+    enable: bool,
+    overwrite: bool,
+) -> tuple[DependencyStatus, tuple[CommandConflict, ...], tuple[RegistryConflict, ...]]:
+    """Install the missing dependencies, check the staged package, move it into place.
+
+    If anything fails after pip ran, the distributions it added are uninstalled again.
+    """
+    allowed = kernel.settings.allow_pip_install
+    missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
+    if missing and not allowed:
+        raise _pip_disabled(name, missing)
+    deps = DependencyStatus(tuple(manifest.dependencies), tuple(missing), allowed)
+    if not missing:
+        preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
+        await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
+        return deps, preview, registry
+    before = await anyio.to_thread.run_sync(installed_distributions)
+    try:
+        # Resolved first (nothing is installed unless all of them resolve), then
+        # installed before the package is imported, since it may import them.
+        await install_requirements(missing, pip_args=kernel.config.pip_args)
+        after = await anyio.to_thread.run_sync(installed_distributions)
+        added, changed = changed_distributions(before, after)
+        if changed:
+            kernel.log.warning("installing %s for plugin %r changed %s", missing, name, changed)
+        deps = attrs.evolve(deps, installed=tuple(f"{n}=={v}" for n, v in sorted(added.items())))
+        preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
+        await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await _take_back(kernel, name, before, exc)
+        raise
+    return deps, preview, registry
+
+
+async def _take_back(kernel: Kernel, name: str, before: dict[str, str], exc: BaseException) -> None:
+    """Uninstall what pip added since `before`; say so (and what it could not undo) in
+    the message of `exc`, the error that failed the install."""
+    after = await anyio.to_thread.run_sync(installed_distributions)
+    added, changed = changed_distributions(before, after)
+    notes = []
+    if added:
+        listed = ", ".join(f"{n}=={v}" for n, v in sorted(added.items()))
+        try:
+            await uninstall_distributions(list(added))
+            notes.append(f"the dependencies pip installed for it were uninstalled again: {listed}")
+        except Exception as err:
+            kernel.log.error("could not uninstall %s after a failed install: %s", listed, err)
+            notes.append(f"uninstalling the dependencies installed for it failed: {err}")
+    if changed:
+        listed = ", ".join(f"{n} {old} -> {new}" for n, (old, new) in sorted(changed.items()))
+        notes.append(f"pip changed installed versions, not restored: {listed}")
+    if not notes:
+        return
+    note = "; ".join(notes)
+    if isinstance(exc, NekoError):
+        exc.message = f"{exc.message}; {note}"
+        exc.args = (exc.message,)
+    else:
+        exc.add_note(note)
+        kernel.log.error("install of plugin %r failed: %s", name, note)
 
 
 def _destination(kernel: Kernel, name: str, rec: PluginRecord | None) -> Path:
@@ -178,14 +341,15 @@ def _exists(name: str, *, installed: bool) -> PluginExistsError:
 # -- importing the staged package ------------------------------------------------------
 
 
-async def _staged_commands(
+async def _staged_preview(
     kernel: Kernel,
     name: str,
     manifest: PluginManifest,
     staged: Path,
     rec: PluginRecord | None,
-) -> list[CommandEntry]:
-    """Import the staged package once; return the command entries it would register.
+) -> tuple[tuple[CommandConflict, ...], tuple[RegistryConflict, ...]]:
+    """Import the staged package once; return the command conflicts and the registry
+    conflicts (routes, channels, ...) that registering its contributions would cause.
 
     A running plugin of the same name is not disturbed: its lock keeps its own
     operations out meanwhile, and its modules are set aside and put back after.
@@ -200,9 +364,47 @@ async def _staged_commands(
             _import_staged, kernel, name, manifest, staged
         )
     try:
-        return kernel.commands.prepare(name, contributions.commands)
+        commands = kernel.commands.prepare(name, contributions.commands)
     except NekoError as exc:
         raise PluginLoadError(name, exc.message) from None
+    preview = tuple(kernel.commands.preview(name, commands))
+    return preview, _registry_conflicts(kernel, name, contributions)
+
+
+def _registry_conflicts(
+    kernel: Kernel, name: str, c: Contributions
+) -> tuple[RegistryConflict, ...]:
+    """The keys of `c` that another plugin holds in the kernel's owned registries.
+
+    A key declared twice by the plugin itself is a load error, as on enable. The plugin's
+    own current entries (an overwrite) are no conflict: a reload replaces them.
+    """
+    routes = [
+        ((r.path, m.upper()), f"{m.upper()} {r.path}")
+        for r in c.routes
+        for m in (("WS",) if r.websocket else r.methods)
+    ]
+    keyed: list[tuple[Any, list[tuple[Any, str]]]] = [
+        (kernel.routes, routes),
+        (kernel.channels, [(x.name, x.name) for x in c.channels]),
+        (kernel.middleware, [(x.name, x.name) for x in c.middleware]),
+        (kernel.platform_types, [(x.name, x.name) for x in c.platform_types]),
+        (kernel.provider_types, [(x.name, x.name) for x in c.provider_types]),
+        (kernel.mcp_servers, [(x.name, x.name) for x in c.mcp_servers]),
+    ]
+    out = []
+    for registry, items in keyed:
+        seen = set()
+        for key, label in items:
+            if key in seen:
+                raise PluginLoadError(
+                    name, f"plugin {name!r} declares {registry.kind} {label!r} more than once"
+                )
+            seen.add(key)
+            entry = registry.get(key)
+            if entry is not None and entry.owner != name:
+                out.append(RegistryConflict(registry.kind, label, entry.owner))
+    return tuple(out)
 
 
 def _import_staged(

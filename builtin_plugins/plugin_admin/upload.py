@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message
 
-from builtin_plugins.api.openapi import BOOL, STR, obj, operation, ref, returns
+from builtin_plugins.api.openapi import (
+    BOOL,
+    NULLABLE_STR,
+    STR,
+    STR_LIST,
+    obj,
+    operation,
+    ref,
+    returns,
+)
 from builtin_plugins.api.shapes import conflict_json, plugin_json
 from builtin_plugins.api.web import ApiError, flag, success
 
 _FIELDS = ("file", "enable", "overwrite", "dry_run")
 _FLAG = {"type": "boolean", "default": False}
+
+
+def _nullable_list(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": ["array", "null"], "items": item}
+
+
+_DEPENDENCIES = obj(
+    {
+        "requirements": STR_LIST,
+        "missing": STR_LIST,
+        "pip_install_allowed": BOOL,
+        "would_install": STR_LIST,
+        "installed": STR_LIST,
+        "problem": NULLABLE_STR,
+    },
+    ("requirements", "missing", "pip_install_allowed", "would_install", "installed", "problem"),
+)
+_ROUTE_CONFLICT = obj(
+    {"key": STR, "method": STR, "path": STR, "holder": STR}, ("key", "method", "path", "holder")
+)
+_CHANNEL_CONFLICT = obj({"key": STR, "holder": STR}, ("key", "holder"))
+_OTHER_CONFLICT = obj({"kind": STR, "key": STR, "holder": STR}, ("kind", "key", "holder"))
 
 UPLOAD_OPENAPI = operation(
     {
@@ -48,10 +81,27 @@ UPLOAD_OPENAPI = operation(
                 "installed": BOOL,
                 "enabled": BOOL,
                 "replaced": BOOL,
-                "conflicts": {"type": "array", "items": ref("Conflict")},
+                "dependencies": _DEPENDENCIES,
+                "conflicts": _nullable_list(ref("Conflict")),
+                "conflicts_unknown_reason": NULLABLE_STR,
+                "route_conflicts": _nullable_list(_ROUTE_CONFLICT),
+                "channel_conflicts": _nullable_list(_CHANNEL_CONFLICT),
+                "other_conflicts": _nullable_list(_OTHER_CONFLICT),
                 "plugin": {"oneOf": [ref("Plugin"), {"type": "null"}]},
             },
-            ("name", "manifest", "dry_run", "installed", "enabled", "conflicts"),
+            (
+                "name",
+                "manifest",
+                "dry_run",
+                "installed",
+                "enabled",
+                "dependencies",
+                "conflicts",
+                "conflicts_unknown_reason",
+                "route_conflicts",
+                "channel_conflicts",
+                "other_conflicts",
+            ),
         )
     ),
 )
@@ -130,6 +180,17 @@ async def upload_plugin(request: Request) -> JSONResponse:
     )
 
     manifest = result.manifest
+    deps = result.dependencies
+    known = result.conflicts_unknown is None
+    routes, channels, others = [], [], []
+    for c in result.registry_conflicts:
+        if c.kind == "route":
+            method, _, path = c.key.partition(" ")
+            routes.append({"key": c.key, "method": method, "path": path, "holder": c.holder})
+        elif c.kind == "WebSocket channel":
+            channels.append({"key": c.key, "holder": c.holder})
+        else:
+            others.append({"kind": c.kind, "key": c.key, "holder": c.holder})
     data_out = {
         "name": result.name,
         "manifest": {
@@ -145,7 +206,20 @@ async def upload_plugin(request: Request) -> JSONResponse:
         "installed": result.installed,
         "enabled": result.enabled,
         "replaced": result.replaced,
-        "conflicts": [conflict_json(c) for c in result.conflicts],
+        "dependencies": {
+            "requirements": list(deps.requirements),
+            "missing": list(deps.missing),
+            "pip_install_allowed": deps.pip_install_allowed,
+            "would_install": list(deps.would_install),
+            "installed": list(deps.installed),
+            "problem": deps.problem,
+        },
+        # null, not [], when a dry run could not learn them (missing dependencies).
+        "conflicts": [conflict_json(c) for c in result.conflicts] if known else None,
+        "conflicts_unknown_reason": result.conflicts_unknown,
+        "route_conflicts": routes if known else None,
+        "channel_conflicts": channels if known else None,
+        "other_conflicts": others if known else None,
         "plugin": plugin_json(result.plugin) if result.plugin is not None else None,
     }
     return success(data_out, status=200 if result.dry_run else 201)

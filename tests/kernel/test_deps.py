@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from kernel.deps import install_requirements, missing_requirements
-from kernel.errors import InstallError
+from kernel.deps import (
+    changed_distributions,
+    install_requirements,
+    missing_requirements,
+    resolve_requirements,
+)
+from kernel.errors import InstallError, PluginLoadError
 from kernel.testing import MockBot, running_kernel
 
 pytestmark = pytest.mark.anyio
@@ -57,7 +62,13 @@ def wheelhouse(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "wheels"
     directory.mkdir()
     yield directory
-    for name in ("nekotestdep_a", "nekotestdep_b"):
+    for name in (
+        "nekotestdep_a",
+        "nekotestdep_b",
+        "nekotestdep_c",
+        "nekotestdep_d",
+        "nekotestdep_e",
+    ):
         _uninstall(name)
 
 
@@ -112,14 +123,14 @@ def nekobot_commands():
 """
 
 
-def _plugin_zip(dependencies: list[str]) -> bytes:
+def _plugin_zip(dependencies: list[str], code: str = PLUGIN, name: str = "dd_withdep") -> bytes:
     buf = io.BytesIO()
     deps = ", ".join(f'"{d}"' for d in dependencies)
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("dd_withdep/__init__.py", PLUGIN)
+        zf.writestr(f"{name}/__init__.py", code)
         zf.writestr(
-            "dd_withdep/plugin.toml",
-            f'name = "dd_withdep"\nversion = "1.0"\ndependencies = [{deps}]\n',
+            f"{name}/plugin.toml",
+            f'name = "{name}"\nversion = "1.0"\ndependencies = [{deps}]\n',
         )
     return buf.getvalue()
 
@@ -144,3 +155,126 @@ async def test_upload_installs_dependencies_only_when_allowed(
         result = await install_archive(k, _plugin_zip(["nekotestdep_b==2.0"]), enable=True)
         assert result.enabled
         assert await MockBot(k).receive("/depvalue") == ["from the wheel"]
+
+
+def test_changed_distributions() -> None:
+    before = {"a": "1.0", "b": "2.0", "gone": "1"}
+    after = {"a": "1.0", "b": "2.1", "c": "3.0"}
+    assert changed_distributions(before, after) == ({"c": "3.0"}, {"b": ("2.0", "2.1")})
+
+
+async def test_resolve_reports_what_pip_would_install(wheelhouse: Path) -> None:
+    make_wheel(wheelhouse, "nekotestdep_e", "1.0", "")
+    args = ["--no-index", "--find-links", str(wheelhouse)]
+    assert await resolve_requirements(["nekotestdep_e>=1", "anyio"], pip_args=args) == [
+        "nekotestdep-e==1.0"
+    ]
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("nekotestdep_e")
+    with pytest.raises(InstallError, match=r"nekotestdep_e>=2"):
+        await resolve_requirements(["nekotestdep_e>=2"], pip_args=args)
+
+
+USES_DEPS = """
+from kernel import hookimpl, CommandSpec
+import nekotestdep_c, nekotestdep_d
+
+async def dep(cmd):
+    return nekotestdep_d.VALUE
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("depvalue2", dep)]
+"""
+
+FAILS_TO_START = (
+    USES_DEPS
+    + """
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    raise RuntimeError("cannot start")
+"""
+)
+
+FAILS_TO_IMPORT = USES_DEPS + "\nraise RuntimeError('broken after importing its deps')\n"
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def test_failed_install_uninstalls_only_what_it_installed(
+    wheelhouse: Path, tmp_path: Path
+) -> None:
+    from kernel.install import install_archive
+
+    make_wheel(wheelhouse, "nekotestdep_c", "1.0", "VALUE = 'c'\n")
+    make_wheel(wheelhouse, "nekotestdep_d", "1.0", "VALUE = 'd'\n")
+    args = ("--no-index", "--find-links", str(wheelhouse))
+    # Installed before: a failed plugin install must leave it alone.
+    await install_requirements(["nekotestdep_c==1.0"], pip_args=args)
+    import nekotestdep_c
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    name = "dd_leftover"
+    deps = ["nekotestdep_c==1.0", "nekotestdep_d==1.0"]
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], pip_args=args) as k:
+        await k.update_settings(allow_pip_install=True)
+        data_before = _listing(tmp_path / "data")
+
+        dry = await install_archive(k, _plugin_zip(deps, USES_DEPS, name), dry_run=True)
+        assert dry.dependencies.missing == ("nekotestdep_d==1.0",)
+        assert dry.dependencies.would_install == ("nekotestdep-d==1.0",)
+        assert dry.conflicts_unknown is not None and dry.dependencies.problem is None
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("nekotestdep_d")
+
+        for code, failure in ((FAILS_TO_START, "cannot start"), (FAILS_TO_IMPORT, "broken")):
+            with pytest.raises(PluginLoadError) as caught:
+                await install_archive(k, _plugin_zip(deps, code, name), enable=True)
+            message = caught.value.message
+            assert failure in message
+            assert "uninstalled again: nekotestdep-d==1.0" in message
+            with pytest.raises(importlib.metadata.PackageNotFoundError):
+                importlib.metadata.version("nekotestdep_d")
+            assert "nekotestdep_d" not in sys.modules
+            assert importlib.metadata.version("nekotestdep_c") == "1.0"
+            assert sys.modules["nekotestdep_c"] is nekotestdep_c
+            assert list(plugins.iterdir()) == []
+            assert name not in k.plugins.records
+            assert await k.storage.state_get("plugins", name) is None
+            assert _listing(tmp_path / "data") == data_before
+
+        # The same archive, working: the dependency is installed and stays.
+        result = await install_archive(k, _plugin_zip(deps, USES_DEPS, name), enable=True)
+        assert result.enabled
+        assert result.dependencies.installed == ("nekotestdep-d==1.0",)
+        assert await MockBot(k).receive("/depvalue2") == ["d"]
+    sys.modules.pop(name, None)
+
+
+async def test_a_changed_version_is_reported_not_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The constraints make it impossible for pip; should it happen anyway, the error
+    # says so instead of trying to put the old version back.
+    import kernel.install as install
+
+    snapshots = iter([{"x": "1.0", "y": "1.0"}, {"x": "2.0", "y": "1.0", "z": "0.1"}])
+    removed: list[list[str]] = []
+
+    async def uninstall(names: list[str]) -> None:
+        removed.append(sorted(names))
+
+    monkeypatch.setattr(install, "installed_distributions", lambda: next(snapshots))
+    monkeypatch.setattr(install, "uninstall_distributions", uninstall)
+    error = PluginLoadError("dd_changed", "cannot start")
+    async with running_kernel(tmp_path / "data") as k:
+        await install._take_back(k, "dd_changed", next(snapshots), error)
+    assert removed == [["z"]]
+    assert error.message == (
+        "cannot start; the dependencies pip installed for it were uninstalled again: "
+        "z==0.1; pip changed installed versions, not restored: x 1.0 -> 2.0"
+    )
+    assert str(error) == error.message

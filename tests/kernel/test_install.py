@@ -402,7 +402,139 @@ async def test_dependencies_are_refused_while_pip_install_is_off(
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
         with pytest.raises(InstallError, match="dependency installation is disabled"):
             await install_archive(kernel, data)
-        with pytest.raises(InstallError, match="nekobot-surely-missing-dep>=2"):
+        assert listing(plugin_dir) == []
+
+
+NEEDS_MISSING_DEP = """
+import nekobot_surely_missing_dep
+
+raise RuntimeError("a dry run must not import a package whose dependencies are missing")
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pip_allowed", [False, True])
+async def test_dry_run_with_missing_dependencies_does_not_import_and_reports_them(
+    tmp_path: Path, plugin_dir: Path, pip_allowed: bool
+) -> None:
+    name = f"{PREFIX}deps_dry"
+    deps = ["nekobot-surely-missing-dep>=2", "anyio>=1"]
+    data = archive(name, NEEDS_MISSING_DEP, manifest={"dependencies": deps})
+    # An empty wheelhouse: pip resolves nothing and reaches no index.
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    pip_args = ["--no-index", "--find-links", str(wheels)]
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugin_dir], pip_args=pip_args
+    ) as kernel:
+        await kernel.update_settings(allow_pip_install=pip_allowed)
+        result = await install_archive(kernel, data, dry_run=True, enable=True)
+        assert result.dry_run and not result.installed and not result.enabled
+        assert result.conflicts == () and result.registry_conflicts == ()
+        assert result.conflicts_unknown is not None
+        assert "nekobot-surely-missing-dep>=2" in result.conflicts_unknown
+        status = result.dependencies
+        assert status.requirements == tuple(deps)
+        assert status.missing == ("nekobot-surely-missing-dep>=2",)
+        assert status.pip_install_allowed is pip_allowed
+        assert status.would_install == () and status.installed == ()
+        assert status.problem is not None
+        if pip_allowed:  # pip tried to resolve it and named the requirement
+            assert "nekobot-surely-missing-dep>=2" in status.problem
+        else:
+            assert "allow_pip_install" in status.problem
+        assert listing(plugin_dir) == []
+        assert name not in kernel.plugins.records
+        assert name not in sys.modules
+
+
+@pytest.mark.anyio
+async def test_dry_run_with_satisfied_dependencies_imports_as_usual(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    name = f"{PREFIX}deps_ok"
+    data = archive(name, code("zzdepsok", "ok"), manifest={"dependencies": ["anyio>=1"]})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        result = await install_archive(kernel, data, dry_run=True)
+        assert result.conflicts_unknown is None
+        assert result.dependencies.missing == () and result.dependencies.problem is None
+        with pytest.raises(PluginLoadError, match="ZeroDivisionError"):
+            await install_archive(
+                kernel,
+                archive(name, "1 / 0\n", manifest={"dependencies": ["anyio>=1"]}),
+                dry_run=True,
+            )
+        assert listing(plugin_dir) == []
+
+
+ROUTES = """
+from starlette.responses import PlainTextResponse
+
+from kernel import ChannelSpec, RouteSpec, hookimpl
+
+async def page(request):
+    return PlainTextResponse("{reply}")
+
+@hookimpl
+def nekobot_routes():
+    return [
+        RouteSpec("/zzinst/page", page, methods={methods}),
+        RouteSpec("/zzinst/live", page, websocket=True),
+    ]
+
+@hookimpl
+def nekobot_ws_channels():
+    return [ChannelSpec(c) for c in {channels}]
+"""
+
+
+def routes_code(reply: str, methods: tuple[str, ...], channels: tuple[str, ...]) -> str:
+    return ROUTES.format(reply=reply, methods=methods, channels=channels)
+
+
+@pytest.mark.anyio
+async def test_dry_run_reports_route_and_channel_conflicts(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    owner, rival = f"{PREFIX}routes_owner", f"{PREFIX}routes_rival"
+    write_plugin(plugin_dir, owner, routes_code("owner", ("GET",), ("zzinst.feed",)))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        before = listing(plugin_dir)
+        routes_before = {e.item[0]: e.owner for e in kernel.routes}
+        data = archive(
+            rival, routes_code("rival", ("GET", "POST"), ("zzinst.feed", "zzinst.other"))
+        )
+        result = await install_archive(kernel, data, dry_run=True, enable=True)
+        assert result.conflicts == () and result.conflicts_unknown is None
+        found = {(c.kind, c.key, c.holder) for c in result.registry_conflicts}
+        assert found == {
+            ("route", "GET /zzinst/page", owner),
+            ("route", "WS /zzinst/live", owner),
+            ("WebSocket channel", "zzinst.feed", owner),
+        }  # POST /zzinst/page and zzinst.other are free
+        # Nothing was registered or written.
+        assert {e.item[0]: e.owner for e in kernel.routes} == routes_before
+        assert {e.owner for e in kernel.channels if e.item.name.startswith("zzinst")} == {owner}
+        assert listing(plugin_dir) == before
+        assert rival not in kernel.plugins.records
+
+        # The dry run told the truth: enabling it fails on the route.
+        with pytest.raises(PluginLoadError, match="zzinst/page"):
+            await install_archive(kernel, data, enable=True)
+        assert listing(plugin_dir) == before
+
+        # Replacing the owner itself clashes with nothing: its own routes are replaced.
+        again = archive(owner, routes_code("v2", ("GET",), ("zzinst.feed",)))
+        result = await install_archive(kernel, again, dry_run=True, overwrite=True)
+        assert result.registry_conflicts == () and result.replaced
+
+
+@pytest.mark.anyio
+async def test_dry_run_refuses_a_route_declared_twice(tmp_path: Path, plugin_dir: Path) -> None:
+    name = f"{PREFIX}routes_twice"
+    data = archive(name, routes_code("x", ("GET", "get"), ()))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with pytest.raises(PluginLoadError, match="route 'GET /zzinst/page' more than once"):
             await install_archive(kernel, data, dry_run=True)
         assert listing(plugin_dir) == []
 

@@ -4,6 +4,7 @@ plugin directory (no files, no `.staging-*` directory)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import stat
@@ -14,11 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
 from kernel.testing import MockBot
 from tests.builtin_plugins.conftest import ApiServer
+from tests.kernel.test_deps import _uninstall, make_wheel
 from tests.plugin_factory import manifest_text, purge_modules, write_plugin
 
 pytestmark = pytest.mark.anyio
@@ -197,6 +200,20 @@ async def test_dry_run_reports_manifest_and_conflicts_and_writes_nothing(api: Ap
     assert {c["plugin"] for c in clashes["zzup_greet"]["candidates"]} == {owner, newcomer}
     assert clashes["zzup_greet"]["holder"] == owner  # the name stays where it is
     assert {c["plugin"] for c in clashes["help"]["candidates"]} == {"help", newcomer}
+    assert out["conflicts_unknown_reason"] is None
+    assert (out["route_conflicts"], out["channel_conflicts"], out["other_conflicts"]) == (
+        [],
+        [],
+        [],
+    )
+    assert out["dependencies"] == {
+        "requirements": [],
+        "missing": [],
+        "pip_install_allowed": False,
+        "would_install": [],
+        "installed": [],
+        "problem": None,
+    }
     # Nothing was written or registered, and the owner still answers.
     assert listing(api.plugin_dir) == before
     assert newcomer not in api.kernel.plugins.records
@@ -413,6 +430,139 @@ async def test_dependencies_are_refused_while_pip_install_is_off(clean: ApiServe
         )
     assert body["code"] == "invalid_plugin_archive"
     assert listing(api.plugin_dir) == []
+
+
+NOT_TO_BE_IMPORTED = "import zzup_requests\nraise SystemExit('a dry run must not import this')\n"
+
+
+async def test_dry_run_with_missing_dependencies_reports_them_and_imports_nothing(
+    clean: ApiServer,
+) -> None:
+    api = clean
+    data_dir = api.kernel.config.data_dir
+    data_before = listing(data_dir)
+    data = plugin_zip(
+        P, NOT_TO_BE_IMPORTED, manifest={"dependencies": ["zzup-requests>=2.0", "anyio"]}
+    )
+    async with api.authed() as c:
+        r = await upload(c, data, dry_run="true", enable="true")
+    assert r.status_code == 200, r.text
+    out = r.json()["data"]
+    assert out["dry_run"] is True and out["installed"] is False
+    assert out["conflicts"] is None
+    assert out["route_conflicts"] is None and out["channel_conflicts"] is None
+    assert "zzup-requests>=2.0" in out["conflicts_unknown_reason"]
+    deps = out["dependencies"]
+    assert deps["requirements"] == ["zzup-requests>=2.0", "anyio"]
+    assert deps["missing"] == ["zzup-requests>=2.0"]
+    assert deps["pip_install_allowed"] is False
+    assert deps["would_install"] == [] and deps["installed"] == []
+    assert "allow_pip_install" in deps["problem"]
+    assert listing(api.plugin_dir) == []
+    assert listing(data_dir) == data_before
+    assert P not in api.kernel.plugins.records
+
+
+USES_DEP = textwrap.dedent(
+    """\
+    import nekotestdep_f
+
+    from kernel import hookimpl
+
+
+    @hookimpl
+    async def nekobot_plugin_start(ctx):
+        raise RuntimeError("cannot start")
+    """
+)
+
+
+async def test_failed_upload_uninstalls_the_dependencies_it_installed(
+    clean: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = clean
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "nekotestdep_f", "1.0", "VALUE = 'f'\n")
+    pip_args = ("--no-index", "--find-links", str(wheels))
+    monkeypatch.setattr(api.kernel, "config", attrs.evolve(api.kernel.config, pip_args=pip_args))
+    await api.kernel.update_settings(allow_pip_install=True)
+    data_dir = api.kernel.config.data_dir
+    data_before = listing(data_dir)
+    data = plugin_zip(P, USES_DEP, manifest={"dependencies": ["nekotestdep_f==1.0"]})
+    try:
+        async with api.authed() as c:
+            r = await upload(c, data, dry_run="true")
+            assert r.status_code == 200, r.text
+            deps = r.json()["data"]["dependencies"]
+            assert deps["would_install"] == ["nekotestdep-f==1.0"] and deps["problem"] is None
+            assert deps["pip_install_allowed"] is True
+
+            r = await upload(c, data, enable="true")
+            assert_error(r, 422, "cannot start", "uninstalled again: nekotestdep-f==1.0")
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("nekotestdep_f")
+        assert listing(api.plugin_dir) == []
+        assert listing(data_dir) == data_before
+        assert P not in api.kernel.plugins.records
+    finally:
+        _uninstall("nekotestdep_f")
+
+
+ROUTES = textwrap.dedent(
+    """\
+    from starlette.responses import PlainTextResponse
+
+    from kernel import ChannelSpec, RouteSpec, hookimpl
+
+
+    async def page(request):
+        return PlainTextResponse("page")
+
+
+    @hookimpl
+    def nekobot_routes():
+        return [RouteSpec("/zzup/page", page, methods=METHODS)]
+
+
+    @hookimpl
+    def nekobot_ws_channels():
+        return [ChannelSpec(n) for n in CHANNELS]
+    """
+)
+
+
+def routes_code(methods: tuple[str, ...], channels: tuple[str, ...]) -> str:
+    return f"METHODS = {methods!r}\nCHANNELS = {channels!r}\n" + ROUTES
+
+
+async def test_dry_run_reports_route_and_channel_conflicts(clean: ApiServer) -> None:
+    api = clean
+    owner, rival = "zzup_route_owner", "zzup_route_rival"
+    purge_modules(owner)
+    purge_modules(rival)
+    write_plugin(api.plugin_dir, owner, routes_code(("GET",), ("zzup.feed",)))
+    await api.kernel.plugins.rescan()
+    await api.kernel.plugins.enable(owner)
+    before = listing(api.plugin_dir)
+    data = plugin_zip(rival, routes_code(("GET", "POST"), ("zzup.feed", "zzup.own")))
+    async with api.authed() as c:
+        r = await upload(c, data, dry_run="true")
+        assert r.status_code == 200, r.text
+        out = r.json()["data"]
+        assert out["conflicts"] == [] and out["conflicts_unknown_reason"] is None
+        assert out["route_conflicts"] == [
+            {"key": "GET /zzup/page", "method": "GET", "path": "/zzup/page", "holder": owner}
+        ]
+        assert out["channel_conflicts"] == [{"key": "zzup.feed", "holder": owner}]
+        assert out["other_conflicts"] == []
+        assert listing(api.plugin_dir) == before
+        assert rival not in api.kernel.plugins.records
+        # As the dry run said: enabling it fails on the route, and nothing stays behind.
+        body = assert_error(await upload(c, data, enable="true"), 409, "/zzup/page", owner)
+        assert body["code"] == "conflict"
+        assert listing(api.plugin_dir) == before
+        assert (await c.get("/zzup/page")).text == "page"
 
 
 async def test_upload_over_the_size_limit_is_413(clean: ApiServer) -> None:
