@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from kernel.lifecycle import GateClosedError
+from kernel.lifecycle import Gate, GateCall, GateClosedError
 from kernel.registry import Entry
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 PRINCIPAL = "nekobot.principal"
 _REDISPATCH = "nekobot.redispatch"
+#: The gates a request holds because it is inside those generations' middleware.
+_HELD = "nekobot.held_gates"
 
 
 def route_path(scope: Scope) -> str:
@@ -53,6 +56,7 @@ class _Endpoint:
         self.owner = owner
         self.route = route
         self.gen = gen
+        self.label = f"request {route.path!r}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.route.public and scope.get(PRINCIPAL) is None:
@@ -63,40 +67,47 @@ class _Endpoint:
                 scope, receive, send
             )
             return
-        try:
-            self.gen.gate.enter()
-        except GateClosedError:
-            await self._redispatch(scope, receive, send)
-            return
+        gate = self.gen.gate
+        # Inside the plugin's middleware already, the request holds its gate: it is served
+        # by this generation even if it began retiring meanwhile (which waits for it).
+        held = gate in scope.get(_HELD, ())
+        call = None
+        if not held:
+            try:
+                call = gate.enter(self.label)
+            except GateClosedError:
+                await self._redispatch(scope, receive, send)
+                return
         scope["nekobot.ctx"] = self.gen.ctx
         if scope["type"] == "websocket":
-            self.gen.gate.leave()
+            if call is not None:
+                gate.leave(call)
             await self._websocket(scope, receive, send)
             return
+        if call is None:
+            await self._respond(scope, receive, send)
+            return
+        tracked = _TrackedSend(send)
         try:
-            result = self.route.endpoint(Request(scope, receive, send))
-            if inspect.isawaitable(result):
-                result = await result
-            await result(scope, receive, send)
+            with call.cancel_scope:
+                await self._respond(scope, receive, tracked)
         finally:
-            self.gen.gate.leave()
+            gate.leave(call)
+        if call.cancel_scope.cancelled_caught:
+            await _unavailable(self.owner, scope, receive, tracked)
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        result = self.route.endpoint(Request(scope, receive, send))
+        if inspect.isawaitable(result):
+            result = await result
+        await result(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A long-lived connection does not hold the gate (a reload would wait for it);
         it is cancelled, and closed with 1012, when its plugin generation is disposed."""
-        plugin_scope = self.gen.scope
-        if plugin_scope is None or plugin_scope.closed:
-            await send({"type": "websocket.close", "code": 1012})
-            return
-        with anyio.CancelScope() as cancel:
-            withdraw = plugin_scope.on_dispose(cancel.cancel, name="websocket connection")
-            try:
-                await self.route.endpoint(WebSocket(scope, receive, send))
-            finally:
-                withdraw()
-        if cancel.cancelled_caught:
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": 1012})
+        await _until_disposed(
+            (self.gen,), lambda: self.route.endpoint(WebSocket(scope, receive, send)), send
+        )
 
     async def _redispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The plugin is being swapped: wait, then route the request through the new table."""
@@ -110,26 +121,143 @@ class _Endpoint:
         await self.kernel.asgi_app({**scope, _REDISPATCH: tries + 1}, receive, send)
 
 
+class _TrackedSend:
+    """A `send` that remembers whether the response has started."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
+async def _unavailable(owner: str, scope: Scope, receive: Receive, send: _TrackedSend) -> None:
+    """Answer a request whose plugin was retired under it (and that outlived the wait):
+    503 if nothing was sent yet; a response already started is left cut short."""
+    if not send.started:
+        await error_response(
+            503, f"plugin {owner!r} was stopped while handling the request; retry", "unavailable"
+        )(scope, receive, send)
+
+
+async def _until_disposed(
+    gens: Iterable[Generation], run: Callable[[], Awaitable[None]], send: Send
+) -> None:
+    """Run a WebSocket connection until it ends or one of `gens` is disposed (then close
+    it with 1012: the client may reconnect to whatever serves next)."""
+    scopes = [g.scope for g in gens]
+    if any(s is None or s.closed for s in scopes):
+        await send({"type": "websocket.close", "code": 1012})
+        return
+    with anyio.CancelScope() as cancel:
+        withdraws = [s.on_dispose(cancel.cancel, name="websocket connection") for s in scopes if s]
+        try:
+            await run()
+        finally:
+            for withdraw in withdraws:
+                withdraw()
+    if cancel.cancelled_caught:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": 1012})
+
+
+@attrs.frozen
+class _Stack:
+    """A built app and the plugin generations whose middleware it runs."""
+
+    app: ASGIApp
+    gens: tuple[tuple[str, Generation], ...] = ()
+
+
 class KernelApp:
-    """The ASGI app of one Kernel; `rebuild()` swaps its route table atomically."""
+    """The ASGI app of one Kernel; `rebuild()` swaps its route table atomically.
+
+    A request holds the gate of every plugin generation whose middleware it passes, for
+    as long as it runs (it is inside that middleware): retiring such a generation waits
+    for it, and a request that meets a retiring one waits until the plugin's operation
+    has settled and starts again through the new stack.
+    """
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.routes: list[BaseRoute] = []
-        self._app: ASGIApp = self._build()
+        self._stack = self._build()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         scope.setdefault("nekobot.kernel", self.kernel)
-        await self._app(scope, receive, send)
+        stack = self._stack
+        if not stack.gens:
+            await stack.app(scope, receive, send)
+            return
+        await self._through_middleware(stack, scope, receive, send)
 
     def rebuild(self) -> None:
         """Rebuild the middleware stack and route table from the registries."""
-        self._app = self._build()
+        self._stack = self._build()
 
-    def _build(self) -> ASGIApp:
+    async def _through_middleware(
+        self, stack: _Stack, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        label = f"request {scope.get('method', 'WS')} {route_path(scope)!r} (middleware)"
+        # A request routed again (see `_Endpoint._redispatch`) is inside some already.
+        held: frozenset[Gate] = scope.get(_HELD, frozenset())
+        for tries in range(4):
+            calls: list[tuple[str, GateCall]] = []
+            closed = None
+            for owner, gen in stack.gens:
+                if gen.gate in held:
+                    continue
+                try:
+                    calls.append((owner, gen.gate.enter(label)))
+                except GateClosedError:
+                    closed = owner
+                    break
+            if closed is None:
+                break
+            for _, call in reversed(calls):
+                call.gate.leave(call)
+            if tries == 3:  # as many tries as a route's endpoint gets
+                await error_response(503, f"plugin {closed!r} is changing; retry", "unavailable")(
+                    scope, receive, send
+                )
+                return
+            await self.kernel.plugins.settled(closed)
+            stack = self._stack
+            if not stack.gens:
+                await stack.app(scope, receive, send)
+                return
+        if scope["type"] == "websocket":
+            for _, call in calls:
+                call.gate.leave(call)
+            app = stack.app
+            await _until_disposed(
+                [g for _, g in stack.gens], lambda: app(scope, receive, send), send
+            )
+            return
+        scope[_HELD] = held | {call.gate for _, call in calls}
+        tracked = _TrackedSend(send)
+        try:
+            with contextlib.ExitStack() as cancel_scopes:
+                for _, call in calls:
+                    cancel_scopes.enter_context(call.cancel_scope)
+                await stack.app(scope, receive, tracked)
+        finally:
+            for _, call in reversed(calls):
+                call.gate.leave(call)
+        for owner, call in calls:
+            if call.cancel_scope.cancelled_caught:
+                await _unavailable(owner, scope, receive, tracked)
+                return
+
+    def _build(self) -> _Stack:
         k = self.kernel
         seen: dict[int, Entry[Any]] = {}
         methods: dict[int, list[str]] = {}
@@ -148,11 +276,14 @@ class KernelApp:
         routes.sort(key=_route_order)
         self.routes = routes
         app: ASGIApp = _StaticFirstRouter(routes)
-        middleware = sorted((e.item for e in k.middleware), key=lambda m: m.order, reverse=True)
-        for spec in middleware:
-            factory: Callable[[ASGIApp], ASGIApp] = spec.factory
+        entries = sorted(k.middleware, key=lambda e: e.item.order, reverse=True)
+        gens: dict[int, tuple[str, Generation]] = {}
+        for entry in entries:
+            factory: Callable[[ASGIApp], ASGIApp] = entry.item.factory
             app = factory(app)
-        return app
+            gen: Generation = entry.generation  # type: ignore[assignment]
+            gens.setdefault(id(gen), (entry.owner, gen))
+        return _Stack(app, tuple(gens.values()))
 
 
 class _StaticFirstRouter:

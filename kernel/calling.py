@@ -14,7 +14,7 @@ import pluggy
 
 from kernel.errors import ContributionError, PluginLoadError
 from kernel.hookspecs import CONTRIBUTION_HOOKS, all_hook_names
-from kernel.lifecycle import Gate, GateClosedError
+from kernel.lifecycle import CallCancelledError, Gate, GateCall, GateClosedError
 from kernel.models import (
     ChannelSpec,
     CommandSpec,
@@ -150,30 +150,52 @@ async def call_impl(
     """Await one async hookimpl with the arguments it asks for, bounded and isolated.
 
     With `gate` (its generation's), the call runs inside it; if the generation is going
-    away the hookimpl is not called and the outcome's error is a GateClosedError.
+    away the hookimpl is not called and the outcome's error is a GateClosedError, and if
+    the generation is retired while the call outlives the drain timeout, the call is
+    cancelled and the outcome's error is a CallCancelledError.
     """
-    if gate is not None:
-        try:
-            gate.enter()
-        except GateClosedError as exc:
-            return HookOutcome(plugin, None, exc)
+    if gate is None:
+        return await _call(impl, kwargs, None, plugin, hook, timeout, log)
     try:
-        with anyio.fail_after(timeout):
+        call = gate.enter(hook)
+    except GateClosedError as exc:
+        return HookOutcome(plugin, None, exc)
+    try:
+        return await _call(impl, kwargs, call, plugin, hook, timeout, log)
+    finally:
+        gate.leave(call)
+
+
+async def _call(
+    impl: pluggy.HookImpl,
+    kwargs: Mapping[str, Any],
+    call: GateCall | None,
+    plugin: str,
+    hook: str,
+    timeout: float,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> HookOutcome:
+    # One cancel scope for both the time bound and the gate's cancellation.
+    scope = call.cancel_scope if call is not None else anyio.CancelScope()
+    scope.deadline = anyio.current_time() + timeout
+    try:
+        with scope:
             result = impl.function(*(kwargs[name] for name in impl.argnames))
             if inspect.isawaitable(result):
                 result = await result
-        return HookOutcome(plugin, result)
-    except TimeoutError as exc:
-        log.error("%s of plugin %r timed out after %.1fs", hook, plugin, timeout)
-        return HookOutcome(plugin, None, exc)
+            return HookOutcome(plugin, result)
     except Exception as exc:
         log.error(
             "%s of plugin %r raised %s: %s", hook, plugin, type(exc).__name__, exc, exc_info=True
         )
         return HookOutcome(plugin, None, exc)
-    finally:
-        if gate is not None:
-            gate.leave()
+    # Only a cancellation of `scope` gets here.
+    if call is not None and call.cancelled:
+        return HookOutcome(
+            plugin, None, CallCancelledError(f"{hook} of plugin {plugin!r} was cancelled")
+        )
+    log.error("%s of plugin %r timed out after %.1fs", hook, plugin, timeout)
+    return HookOutcome(plugin, None, TimeoutError())
 
 
 Call = tuple[str, pluggy.HookImpl, Mapping[str, Any], Gate | None]

@@ -105,14 +105,22 @@ class PluginContext:
             self._http = client
         return self._http
 
+    def _check_live(self, what: str) -> None:
+        # Usable during disposal (dispose callbacks need them), not after: a reference
+        # kept by leaked code must not go on acting for a plugin that is gone.
+        if self.scope.disposed:
+            raise DisposedError(f"plugin {self.name!r} was disposed; cannot use {what}")
+
     @property
     def store(self) -> PluginStore:
         """The plugin's key/value store and namespaced tables (kept across reloads)."""
+        self._check_live("store")
         return self._kernel.storage.plugin_store(self.name)
 
     @property
     def data_dir(self) -> Path:
         """A directory for the plugin's files, inside the kernel's data directory."""
+        self._check_live("data_dir")
         path = self._kernel.config.data_dir / "plugin_data" / self.name
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -129,11 +137,13 @@ class PluginContext:
     @property
     def services(self) -> Services:
         """Services provided by plugins."""
+        self._check_live("services")
         return self._kernel.services
 
     @property
     def kernel(self) -> Kernel:
         """The kernel itself: for the builtin administration plugins."""
+        self._check_live("kernel")
         return self._kernel
 
     def subscribe_events(self, callback: Callable[[KernelEvent], None]) -> Callable[[], None]:

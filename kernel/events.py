@@ -17,7 +17,7 @@ import attrs
 
 from kernel.calling import call_each
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
-from kernel.lifecycle import GateClosedError
+from kernel.lifecycle import GateCall, GateClosedError
 from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
 
 if TYPE_CHECKING:
@@ -137,14 +137,14 @@ class Pipeline:
                 return False
             gen: Generation = entry.generation  # type: ignore[assignment]
             try:
-                gen.gate.enter()
+                call = gen.gate.enter(f"command {entry.qualified!r}")
             except GateClosedError:
                 await self.kernel.plugins.settled(entry.owner)
                 continue
             try:
-                await self._call_handler(entry, gen, event, parsed, send)
+                await self._call_handler(entry, gen, call, event, parsed, send)
             finally:
-                gen.gate.leave()
+                gen.gate.leave(call)
             return True
         self.kernel.log.error(
             "command %r: plugin %r kept changing; message dropped",
@@ -157,6 +157,7 @@ class Pipeline:
         self,
         entry: CommandEntry,
         gen: Generation,
+        call: GateCall,
         event: MessageEvent,
         parsed: ParsedCommand,
         send: Callable[[Reply | str | None], Awaitable[None]],
@@ -172,14 +173,20 @@ class Pipeline:
         )
         timeout = spec.timeout or self.kernel.config.handler_timeout
         result: Reply | str | None = None
+        # The call's scope is both the time bound (a bare deadline: what fail_after does,
+        # minus two generator layers) and what the gate cancels if the plugin is retired.
+        scope = call.cancel_scope
+        scope.deadline = anyio.current_time() + timeout
         try:
-            # A bare deadline scope: what fail_after does, minus two generator layers.
-            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+            with scope:
                 result = await spec.handler(invocation)
         except Exception as exc:
             ctx.log.error(
                 "command %r raised %s: %s", entry.qualified, type(exc).__name__, exc, exc_info=True
             )
+            await send(f"{parsed.prefix}{parsed.name} failed.")
+            return
+        if scope.cancelled_caught and call.cancelled:  # retired, and it outlived the wait
             await send(f"{parsed.prefix}{parsed.name} failed.")
             return
         if scope.cancelled_caught:

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 STATE_SECTION = "plugins"
 CONFIG_SECTION = "plugin_config"
+#: How long a retirement waits for the calls it cancelled to unwind.
+_CANCEL_GRACE = 1.0
 
 
 @attrs.define(eq=False, slots=False)  # slots=False: cached_property
@@ -347,13 +349,29 @@ class GenerationOps:
     async def _deactivate(self, gen: Generation) -> None:
         """Close the gate (waiting for calls in flight), run the stop hook, dispose the scope."""
         k = self.kernel
-        if not await gen.gate.close(k.config.handler_timeout):
-            (gen.ctx.log if gen.ctx is not None else k.log).warning(
-                "%d call(s) into %r still running after %.1fs; stopping it anyway",
-                gen.gate.in_flight,
+        timeout = k.config.handler_timeout
+        if not await gen.gate.close(timeout):
+            log = gen.ctx.log if gen.ctx is not None else k.log
+            cancelled = gen.gate.cancel()
+            log.warning(
+                "%d call(s) into %r still running after %.1fs; cancelling them",
+                len(cancelled),
                 gen.pm_name,
-                k.config.handler_timeout,
+                timeout,
             )
+            for label in cancelled:
+                log.error(
+                    "cancelled %s of plugin %r: it outlived its plugin's retirement",
+                    label,
+                    gen.pm_name.partition("#")[0],
+                )
+            # Cancellation reaches a call at its next await; one that ignores it is left.
+            if not await gen.gate.wait(min(timeout, _CANCEL_GRACE)):
+                log.error(
+                    "%d call(s) into %r ignored cancellation; disposing it anyway",
+                    gen.gate.in_flight,
+                    gen.pm_name,
+                )
         if gen.ctx is not None and gen.scope is not None and not gen.scope.closed:
             for impl in impls_of(self.pm, "nekobot_plugin_stop", gen.pm_name):
                 await call_impl(

@@ -6,6 +6,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import anyio
@@ -21,19 +22,45 @@ class GateClosedError(Exception):
     """The generation behind a gate is going away; look the target up again."""
 
 
+class CallCancelledError(Exception):
+    """The call's generation was retired while it ran, and it outlived the drain timeout."""
+
+
+# The gate calls the current task is inside of (a task started within a call inherits
+# them). Lets a call that retires its own generation (a command reloading its plugin, a
+# request disabling the plugin whose middleware it passed) be neither waited for nor
+# cancelled by that retirement.
+_CALLS: ContextVar[tuple[GateCall, ...]] = ContextVar("nekobot_gate_calls", default=())
+
+
+class GateCall:
+    """One call inside a gate; the gate cancels `cancel_scope` if the call outlives the
+    drain timeout of a retirement (then `cancelled` is True)."""
+
+    __slots__ = ("cancel_scope", "cancelled", "gate", "label")
+
+    def __init__(self, gate: Gate, label: str) -> None:
+        self.gate = gate
+        self.label = label
+        self.cancel_scope = anyio.CancelScope()
+        self.cancelled = False
+
+
 class Gate:
     """Counts calls into one plugin generation so that disposal waits for them.
 
     Entering is synchronous and cheap (it sits on the message hot path); closing
-    refuses new calls and waits, bounded, until the ones in flight have left.
+    refuses new calls and waits, bounded, until the ones in flight have left. A call
+    runs in its `GateCall.cancel_scope`, so that one still running after the wait can
+    be cancelled (`cancel`).
     """
 
-    __slots__ = ("_closed", "_count", "_drained")
+    __slots__ = ("_calls", "_closed", "_waiters")
 
     def __init__(self, *, open: bool = False) -> None:
-        self._count = 0
+        self._calls: set[GateCall] = set()
         self._closed = not open
-        self._drained: anyio.Event | None = None
+        self._waiters: list[tuple[frozenset[GateCall], anyio.Event]] = []
 
     @property
     def closed(self) -> bool:
@@ -43,30 +70,64 @@ class Gate:
     @property
     def in_flight(self) -> int:
         """How many calls are inside."""
-        return self._count
+        return len(self._calls)
 
-    def enter(self) -> None:
-        """Admit one call, or raise GateClosedError."""
+    def enter(self, label: str = "call") -> GateCall:
+        """Admit one call (`label` names it in logs), or raise GateClosedError.
+
+        Run the call in the returned `cancel_scope` and pass it to `leave`, in the same task.
+        """
         if self._closed:
             raise GateClosedError
-        self._count += 1
+        call = GateCall(self, label)
+        self._calls.add(call)
+        _CALLS.set((*_CALLS.get(), call))
+        return call
 
-    def leave(self) -> None:
+    def leave(self, call: GateCall) -> None:
         """Let one call out."""
-        self._count -= 1
-        if self._count == 0 and self._drained is not None:
-            self._drained.set()
+        self._calls.discard(call)
+        _CALLS.set(tuple(c for c in _CALLS.get() if c is not call))
+        for exempt, event in self._waiters:
+            if self._calls <= exempt:
+                event.set()
+
+    def _own(self) -> frozenset[GateCall]:
+        """The calls of this gate that the current task is inside of."""
+        return frozenset(c for c in _CALLS.get() if c.gate is self and c in self._calls)
 
     async def close(self, timeout: float) -> bool:
-        """Refuse new calls and wait up to `timeout` for the ones inside; True if drained."""
+        """Refuse new calls and wait up to `timeout` for the ones inside; True if drained.
+
+        The caller's own calls (it runs inside this gate) are not waited for.
+        """
         self._closed = True
-        if self._count == 0:
+        return await self.wait(timeout)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` until no call but the caller's own is inside; True if so."""
+        exempt = self._own()
+        if self._calls <= exempt:
             return True
-        if self._drained is None:
-            self._drained = anyio.Event()
-        with anyio.move_on_after(timeout):
-            await self._drained.wait()
-        return self._count == 0
+        waiter = (exempt, anyio.Event())
+        self._waiters.append(waiter)
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter[1].wait()
+        finally:
+            self._waiters.remove(waiter)
+        return self._calls <= exempt
+
+    def cancel(self) -> list[str]:
+        """Cancel the calls inside (not the caller's own); the labels of those cancelled."""
+        exempt = self._own()
+        labels = []
+        for call in self._calls - exempt:
+            if not call.cancelled:
+                call.cancelled = True
+                call.cancel_scope.cancel()
+                labels.append(call.label)
+        return sorted(labels)
 
     def open(self) -> None:
         """Admit calls (a gate starts closed until its generation has started)."""
@@ -111,12 +172,18 @@ class Scope:
         self._callbacks: list[tuple[str, DisposeCallback]] = []
         self._tasks: set[TaskHandle] = set()
         self._closed = False
+        self._disposing = False
         self._disposed = False
 
     @property
     def closed(self) -> bool:
         """True once disposal has begun."""
         return self._closed
+
+    @property
+    def disposed(self) -> bool:
+        """True once disposal has completed (every task stopped, every callback run)."""
+        return self._disposed
 
     @property
     def live_tasks(self) -> int:
@@ -160,6 +227,7 @@ class Scope:
     async def _run_task(
         self, handle: TaskHandle, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
     ) -> None:
+        _CALLS.set(())  # not part of the call that may have started it
         try:
             with handle.cancel_scope:
                 await func(*args)
@@ -184,9 +252,15 @@ class Scope:
     async def dispose(self) -> None:
         """Cancel the tasks, then run the callbacks in reverse order. Idempotent."""
         self._closed = True
-        if self._disposed:
+        if self._disposing:
             return
-        self._disposed = True
+        self._disposing = True
+        try:
+            await self._dispose()
+        finally:
+            self._disposed = True
+
+    async def _dispose(self) -> None:
         for handle in list(self._tasks):
             handle.cancel()
         with anyio.CancelScope(shield=True):

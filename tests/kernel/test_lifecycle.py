@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from kernel import DisposedError, KernelEvent, PluginContext, PluginLoadError, PluginState
@@ -348,30 +349,87 @@ async def test_scope_unit_behaviour() -> None:
     assert order == ["b", "a", "stubborn done"]
 
 
+async def _call_until(gate: Gate, label: str, leave: anyio.Event, log: list[str]) -> None:
+    """Be inside `gate` (in a task of its own) until `leave` is set or the call is cancelled."""
+    call = gate.enter(label)
+    try:
+        with call.cancel_scope:
+            await leave.wait()
+    finally:
+        gate.leave(call)
+    log.append(f"{label} {'cancelled' if call.cancel_scope.cancelled_caught else 'left'}")
+
+
 @pytest.mark.anyio
 async def test_gate_waits_for_calls_in_flight() -> None:
     gate = Gate()
     with pytest.raises(GateClosedError):
         gate.enter()  # a gate starts closed
     gate.open()
-    gate.enter()
-    assert gate.in_flight == 1
-    done: list[bool] = []
-
-    async def close() -> None:
-        done.append(await gate.close(5))
-
+    leave, log, done = anyio.Event(), [], []
     async with anyio.create_task_group() as tg:
+        tg.start_soon(_call_until, gate, "a", leave, log)
+        await anyio.wait_all_tasks_blocked()
+        assert gate.in_flight == 1
+
+        async def close() -> None:
+            done.append(await gate.close(5))
+
         tg.start_soon(close)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
         assert gate.closed and not done
         with pytest.raises(GateClosedError):
             gate.enter()
-        gate.leave()
+        leave.set()
     assert done == [True]
+    assert log == ["a left"]
+    assert gate.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_gate_cancels_calls_that_outlive_the_wait() -> None:
+    gate = Gate(open=True)
+    never, log = anyio.Event(), []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_call_until, gate, "slow b", never, log)
+        tg.start_soon(_call_until, gate, "slow a", never, log)
+        await anyio.wait_all_tasks_blocked()
+        assert await gate.close(0.01) is False
+        assert gate.in_flight == 2 and log == []
+        assert gate.cancel() == ["slow a", "slow b"]
+        assert gate.cancel() == []  # once
+        assert await gate.wait(5) is True
+    assert sorted(log) == ["slow a cancelled", "slow b cancelled"]
+
+
+@pytest.mark.anyio
+async def test_a_call_retiring_its_own_gate_is_neither_awaited_nor_cancelled() -> None:
+    """A command that reloads its own plugin must not wait for itself (nor be cancelled,
+    which would cancel the reload it is running)."""
+    gate = Gate(open=True)
+    never, log = anyio.Event(), []
+    own = gate.enter("own")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_call_until, gate, "other", never, log)
+            await anyio.wait_all_tasks_blocked()
+            with own.cancel_scope:
+                assert await gate.close(0.01) is False  # waits for "other" only
+                assert gate.cancel() == ["other"]
+                assert await gate.wait(5) is True  # "own" is still inside
+                assert gate.in_flight == 1
+                await anyio.lowlevel.checkpoint()
+            assert not own.cancel_scope.cancelled_caught and not own.cancelled
+    finally:
+        gate.leave(own)
+    assert log == ["other cancelled"]
+    # Outside any call, the same gate with a call in another task is waited for.
     gate2 = Gate(open=True)
-    gate2.enter()
-    assert await gate2.close(0.01) is False
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_call_until, gate2, "c", never, log)
+        await anyio.wait_all_tasks_blocked()
+        assert await gate2.close(0.01) is False
+        gate2.cancel()
 
 
 ORDERED = """
@@ -464,35 +522,122 @@ async def test_a_context_entered_while_the_scope_is_disposed_is_exited() -> None
     assert len(errors) == 1
 
 
-SLOW = """
+HANGING = """
 import anyio
 from kernel import CommandSpec, hookimpl
 
-async def slow(cmd):
-    cmd.ctx.services.get("lc_slow_started").set()
-    await anyio.sleep(5)
+async def hang(cmd):
+    cmd.ctx.services.get("lc_hang_started").set()
+    await anyio.Event().wait()  # never set: only a cancellation ends this call
+
+async def reload_me(cmd):
+    await cmd.ctx.kernel.plugins.reload(cmd.ctx.name)
+    return "reloaded"
 
 @hookimpl
 def nekobot_commands():
-    return [CommandSpec("lc_slow", slow, timeout=10)]
+    return [CommandSpec("lc_hang", hang, timeout=3600), CommandSpec("lc_reload_me", reload_me)]
+
+@hookimpl
+async def nekobot_on_event(event, ctx):
+    if event.type == "lc.hang":
+        ctx.services.get("lc_hang_started").set()
+        await anyio.Event().wait()
+"""
+
+
+def _messages(kernel: Kernel, level: str) -> list[str]:
+    return [r.message for r in kernel.logging.buffer.records if r.level == level]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook", [False, True])
+async def test_a_call_outliving_the_gate_timeout_is_cancelled(tmp_path: Path, hook: bool) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_hang", HANGING)
+    # Each call's own time bound is far longer than the gate's wait.
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1, hook_timeout=3600
+    ) as kernel:
+        started = anyio.Event()
+        kernel.services.provide("tests", "lc_hang_started", started)
+        bot = MockBot(kernel)
+        replies: list[list[str]] = []
+
+        async def receive() -> None:
+            if hook:
+                await kernel.emit(KernelEvent("lc.hang", {}))
+            else:
+                replies.append(await bot.receive("/lc_hang"))
+
+        with anyio.fail_after(10):  # a hang fails the test instead of stalling the suite
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive)
+                await started.wait()
+                await kernel.plugins.disable("lc_hang")
+        # The caller got the pipeline's usual failure handling, not a hang.
+        assert replies == ([] if hook else [["/lc_hang failed."]])
+        assert state(kernel, "lc_hang") is PluginState.DISPOSED
+        warnings = _messages(kernel, "WARNING")
+        assert any("1 call(s) into 'lc_hang#1' still running" in m for m in warnings), warnings
+        label = "nekobot_on_event" if hook else "command 'lc_hang:lc_hang'"
+        errors = _messages(kernel, "ERROR")
+        assert any(f"cancelled {label} of plugin 'lc_hang'" in m for m in errors), errors
+
+
+@pytest.mark.anyio
+async def test_a_command_reloading_its_own_plugin_is_not_cancelled(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_hang", HANGING)
+    # A gate timeout far longer than the test: waiting for itself would fail it by time.
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=3600
+    ) as kernel:
+        bot = MockBot(kernel)
+        with anyio.fail_after(10):
+            assert await bot.receive("/lc_reload_me") == ["reloaded"]
+        assert kernel.plugins.info("lc_hang").reload_count == 1
+        assert state(kernel, "lc_hang") is PluginState.ACTIVE
+        assert not any("cancelled" in m for m in _messages(kernel, "ERROR"))
+
+
+CONTEXT_USER = """
+from kernel import hookimpl
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    seen = ctx.services.get("probe")
+    seen.append(ctx)
+
+    async def on_dispose():
+        # Disposal is not over yet: the context still works for clean-up.
+        await ctx.store.kv_set("bye", True)
+        seen.append((ctx.data_dir.name, ctx.services.get("probe") is seen, ctx.kernel.id))
+
+    ctx.on_dispose(on_dispose)
 """
 
 
 @pytest.mark.anyio
-async def test_a_call_outliving_the_gate_timeout_is_reported(tmp_path: Path) -> None:
+async def test_the_context_works_during_disposal_and_refuses_after(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
-    write_plugin(plugins, "lc_slow", SLOW)
-    async with running_kernel(
-        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1
-    ) as kernel:
-        started = anyio.Event()
-        kernel.services.provide("tests", "lc_slow_started", started)
-        bot = MockBot(kernel)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(bot.receive, "/lc_slow")
-            await started.wait()
-            with anyio.fail_after(5):
-                await kernel.plugins.disable("lc_slow")
-            tg.cancel_scope.cancel()
-        warnings = [r.message for r in kernel.logging.buffer.records if r.level == "WARNING"]
-        assert any("1 call(s) into 'lc_slow#1' still running" in m for m in warnings), warnings
+    plugins.mkdir()
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        probe = provide_probe(kernel)
+        write_plugin(plugins, "lc_ctx_user", CONTEXT_USER)
+        await kernel.plugins.rescan()
+        await kernel.plugins.enable("lc_ctx_user")
+        await kernel.plugins.disable("lc_ctx_user")
+        await kernel.plugins.enable("lc_ctx_user")
+        old_ctx, during = probe[0], probe[1]
+        assert isinstance(old_ctx, PluginContext)
+        assert during == ("lc_ctx_user", True, kernel.id)
+        assert await kernel.storage.plugin_store("lc_ctx_user").kv_get("bye") is True
+        assert old_ctx.scope.disposed
+        for attribute in ("store", "data_dir", "services", "kernel", "http"):
+            with pytest.raises(DisposedError, match="lc_ctx_user"):
+                getattr(old_ctx, attribute)
+        # The current generation's context is unaffected.
+        new_ctx = probe[2]
+        assert isinstance(new_ctx, PluginContext) and new_ctx is not old_ctx
+        assert new_ctx.kernel is kernel and new_ctx.services.get("probe") is probe
