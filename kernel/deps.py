@@ -153,8 +153,7 @@ async def resolve_requirements(
     try:
         items = json.loads(text)["install"]
         return sorted(
-            f"{canonicalize_name(i['metadata']['name'])}=={i['metadata']['version']}"
-            for i in items
+            f"{canonicalize_name(i['metadata']['name'])}=={i['metadata']['version']}" for i in items
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise InstallError(f"cannot read pip's resolution report: {exc!r}") from None
