@@ -1,0 +1,143 @@
+"""The uvicorn settings and the WebSocket hand-off extension, over a real server."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import uvicorn
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+
+from kernel.server import WEBSOCKET_HANDOFF, uvicorn_config
+
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def serving(app: Any, **overrides: Any) -> AsyncIterator[int]:
+    port = free_port()
+    config = uvicorn_config(app, "127.0.0.1", port, log_level="warning", lifespan="off")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
+                await anyio.sleep(0.01)
+        yield port
+        server.should_exit = True
+
+
+def upgrade_request(path: str = "/ws?x=1") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer abc\r\n\r\n"
+    ).encode()
+
+
+async def test_a_handed_off_connection_is_the_takers_alone() -> None:
+    taken: dict[str, Any] = {}
+    done = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        assert (await receive())["type"] == "websocket.connect"
+
+        def take(fd: int, request: bytes) -> None:
+            taken.update(fd=fd, request=request)
+
+        scope["extensions"][WEBSOCKET_HANDOFF]["handoff"](take)
+        done.set()
+
+    async with serving(app) as port:
+        client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.sendall(upgrade_request())
+            with anyio.fail_after(5):
+                await done.wait()
+            # The server wrote nothing (the app has returned: no 101, no 500, no close);
+            # the socket is still open.
+            await anyio.sleep(0.2)
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(1024)
+            # The taker has the connection: it answers the handshake from the request.
+            ours = socket.socket(fileno=taken["fd"])
+            with ours:
+                proto = ServerProtocol()
+                proto.receive_data(taken["request"])
+                (request,) = proto.events_received()
+                assert request.path == "/ws?x=1"
+                assert request.headers["Authorization"] == "Bearer abc"
+                proto.send_response(proto.accept(request))
+                ours.sendall(b"".join(proto.data_to_send()))
+                client.setblocking(True)
+                client.settimeout(5)
+                answer = await anyio.to_thread.run_sync(client.recv, 1024)
+                assert answer.startswith(b"HTTP/1.1 101"), answer
+                # The client's frames reach the taker, not uvicorn.
+                frame = Frame(Opcode.TEXT, b"hello").serialize(mask=True)
+                client.sendall(frame)
+                ours.settimeout(5)
+                proto.receive_data(await anyio.to_thread.run_sync(ours.recv, 1024))
+                (received,) = proto.events_received()
+                assert received.data == b"hello"
+
+
+async def test_handing_off_after_accepting_is_refused() -> None:
+    errors: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            scope["extensions"][WEBSOCKET_HANDOFF]["handoff"](lambda fd, request: None)
+        except RuntimeError as exc:
+            errors.append(exc)
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with serving(app) as port:
+        client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.settimeout(5)
+            client.sendall(upgrade_request())
+            answer = await anyio.to_thread.run_sync(client.recv, 1024)
+            assert answer.startswith(b"HTTP/1.1 101"), answer
+            with anyio.fail_after(5):
+                while not errors:  # noqa: ASYNC110 (the app reports by appending)
+                    await anyio.sleep(0.01)
+    assert "no longer" in str(errors[0])
+
+
+async def test_plain_uvicorn_protocols_offer_no_handoff() -> None:
+    seen: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        seen.append(WEBSOCKET_HANDOFF in scope.get("extensions", {}))
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with serving(app, ws="websockets-sansio") as port:
+        client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.settimeout(5)
+            client.sendall(upgrade_request())
+            await anyio.to_thread.run_sync(client.recv, 1024)
+    assert seen == [False]
