@@ -25,9 +25,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on kernel/."""
+    """mypy --strict on kernel/ and builtin_plugins/."""
     session.install("-e", ".[dev]")
-    session.run("mypy", "kernel")
+    session.run("mypy", "kernel", "builtin_plugins")
 
 
 @nox.session(python="3.11")

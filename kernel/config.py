@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -17,6 +18,12 @@ def _optional_names(value: object) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(value)  # type: ignore[arg-type]
+
+
+def str_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    """An attrs converter: any iterable of strings, kept as a tuple (typed, where
+    `converter=tuple` would make the field's `__init__` parameter untyped)."""
+    return tuple(values)
 
 
 @attrs.frozen
@@ -35,7 +42,7 @@ class KernelConfig:
     host: str = "127.0.0.1"
     port: int = 6285
     #: Command prefixes when the stored bot config names none.
-    command_prefixes: tuple[str, ...] = attrs.field(default=("/",), converter=tuple)
+    command_prefixes: tuple[str, ...] = attrs.field(default=("/",), converter=str_tuple)
     #: Watch plugin directories and reload changed plugins (a stored setting overrides).
     hot_reload: bool = True
     #: Debounce of the file watcher, in milliseconds.
@@ -49,6 +56,6 @@ class KernelConfig:
     #: Start the loop-blocking watchdog thread.
     watchdog: bool = True
     #: Extra pip arguments for installing plugin dependencies (e.g. an index to use).
-    pip_args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    pip_args: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     #: Log records kept in memory for the API.
     log_buffer: int = 5000

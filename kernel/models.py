@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 import cattrs
 
+from kernel.config import str_tuple
+
 if TYPE_CHECKING:
     from kernel.context import PluginContext
 
@@ -140,7 +142,7 @@ class CommandSpec:
 
     name: str
     handler: CommandHandler = attrs.field(repr=False)
-    aliases: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     description: str = ""
     usage: str = ""
     platforms: tuple[str, ...] | None = None
@@ -154,7 +156,7 @@ class RouteSpec:
 
     path: str
     endpoint: Callable[..., Any] = attrs.field(repr=False)
-    methods: tuple[str, ...] = attrs.field(default=("GET",), converter=tuple)
+    methods: tuple[str, ...] = attrs.field(default=("GET",), converter=str_tuple)
     public: bool = False
     name: str | None = None
     websocket: bool = False
@@ -208,7 +210,7 @@ class MCPServerSpec:
     name: str
     transport: Literal["stdio", "sse", "streamable_http"]
     command: str | None = None
-    args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    args: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)
     url: str | None = None
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)

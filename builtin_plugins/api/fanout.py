@@ -653,7 +653,7 @@ class Relay:
     def _flush(self) -> None:
         self._flush_handle = None
         self._last_flush = self.loop.time()
-        cache: dict[tuple[Any, ...], tuple[list[bytes], int]] = {}
+        cache: dict[tuple[Any, ...], tuple[bytes, int]] = {}
         for conn in list(self.conns.values()):
             sub = conn.sub
             if sub is None or conn.closing or conn.paused or conn.transport is None:

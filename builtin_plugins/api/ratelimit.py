@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,7 +43,7 @@ class RateLimitMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kernel = scope.get("nekobot.kernel")
+        kernel: Any = scope.get("nekobot.kernel")
         limiter = kernel.services.get(SERVICE) if kernel is not None else None
         if (
             scope["type"] != "http"

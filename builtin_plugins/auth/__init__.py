@@ -31,13 +31,13 @@ def bearer_token(scope: Scope) -> str | None:
         if name == b"authorization":
             kind, _, token = value.decode("latin-1").partition(" ")
             if kind.lower() == "bearer" and token:
-                return token.strip()
+                return str(token).strip()
     if scope["type"] == "websocket":
         from urllib.parse import parse_qs
 
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if query.get("token"):
-            return query["token"][0]
+            return str(query["token"][0])
     return None
 
 
