@@ -33,6 +33,10 @@ PRINCIPAL = "nekobot.principal"
 _REDISPATCH = "nekobot.redispatch"
 #: The gates a request holds because it is inside those generations' middleware.
 _HELD = "nekobot.held_gates"
+#: The one cancel scope every gate call of an HTTP request runs in (see `Gate.enter`),
+#: and the plugin whose retirement cancelled it.
+_REQUEST_CANCEL = "nekobot.request_cancel_scope"
+_CANCELLED_BY = "nekobot.cancelled_by"
 
 
 def route_path(scope: Scope) -> str:
@@ -71,10 +75,11 @@ class _Endpoint:
         # Inside the plugin's middleware already, the request holds its gate: it is served
         # by this generation even if it began retiring meanwhile (which waits for it).
         held = gate in scope.get(_HELD, ())
+        shared = scope.get(_REQUEST_CANCEL)
         call = None
         if not held:
             try:
-                call = gate.enter(self.label)
+                call = gate.enter(self.label, shared)
             except GateClosedError:
                 await self._redispatch(scope, receive, send)
                 return
@@ -86,6 +91,14 @@ class _Endpoint:
             return
         if call is None:
             await self._respond(scope, receive, send)
+            return
+        if shared is not None:  # already running in it: the middleware wrapper answers 503
+            try:
+                await self._respond(scope, receive, send)
+            finally:
+                gate.leave(call)
+                if call.cancelled:
+                    scope[_CANCELLED_BY] = self.owner
             return
         tracked = _TrackedSend(send)
         try:
@@ -206,9 +219,14 @@ class KernelApp:
     async def _through_middleware(
         self, stack: _Stack, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        label = f"request {scope.get('method', 'WS')} {route_path(scope)!r} (middleware)"
+        def label() -> str:
+            return f"request {scope.get('method', 'WS')} {route_path(scope)!r} (middleware)"
+
         # A request routed again (see `_Endpoint._redispatch`) is inside some already.
         held: frozenset[Gate] = scope.get(_HELD, frozenset())
+        # One cancel scope for every plugin the request passes: cheaper than one each, and
+        # a request cancelled by one plugin's retirement cannot go on in the others anyway.
+        shared = anyio.CancelScope()
         for tries in range(4):
             calls: list[tuple[str, GateCall]] = []
             closed = None
@@ -216,7 +234,7 @@ class KernelApp:
                 if gen.gate in held:
                     continue
                 try:
-                    calls.append((owner, gen.gate.enter(label)))
+                    calls.append((owner, gen.gate.enter(label, shared)))
                 except GateClosedError:
                     closed = owner
                     break
@@ -243,19 +261,17 @@ class KernelApp:
             )
             return
         scope[_HELD] = held | {call.gate for _, call in calls}
+        scope[_REQUEST_CANCEL] = shared
         tracked = _TrackedSend(send)
         try:
-            with contextlib.ExitStack() as cancel_scopes:
-                for _, call in calls:
-                    cancel_scopes.enter_context(call.cancel_scope)
+            with shared:
                 await stack.app(scope, receive, tracked)
         finally:
             for _, call in reversed(calls):
                 call.gate.leave(call)
-        for owner, call in calls:
-            if call.cancel_scope.cancelled_caught:
-                await _unavailable(owner, scope, receive, tracked)
-                return
+        if shared.cancelled_caught:
+            owner = next((o for o, c in calls if c.cancelled), scope.get(_CANCELLED_BY, "?"))
+            await _unavailable(owner, scope, receive, tracked)
 
     def _build(self) -> _Stack:
         k = self.kernel

@@ -37,13 +37,20 @@ class GateCall:
     """One call inside a gate; the gate cancels `cancel_scope` if the call outlives the
     drain timeout of a retirement (then `cancelled` is True)."""
 
-    __slots__ = ("cancel_scope", "cancelled", "gate", "label")
+    __slots__ = ("_label", "cancel_scope", "cancelled", "gate")
 
-    def __init__(self, gate: Gate, label: str) -> None:
+    def __init__(
+        self, gate: Gate, label: str | Callable[[], str], cancel_scope: anyio.CancelScope | None
+    ) -> None:
         self.gate = gate
-        self.label = label
-        self.cancel_scope = anyio.CancelScope()
+        self._label = label
+        self.cancel_scope = cancel_scope if cancel_scope is not None else anyio.CancelScope()
         self.cancelled = False
+
+    @property
+    def label(self) -> str:
+        """What the call is, for the logs (made only when asked: calls are many)."""
+        return self._label if isinstance(self._label, str) else self._label()
 
 
 class Gate:
@@ -72,14 +79,18 @@ class Gate:
         """How many calls are inside."""
         return len(self._calls)
 
-    def enter(self, label: str = "call") -> GateCall:
+    def enter(
+        self, label: str | Callable[[], str] = "call", cancel_scope: anyio.CancelScope | None = None
+    ) -> GateCall:
         """Admit one call (`label` names it in logs), or raise GateClosedError.
 
         Run the call in the returned `cancel_scope` and pass it to `leave`, in the same task.
+        Calls that end together (one HTTP request through several plugins) may share one
+        `cancel_scope` that the caller runs them all in: cancelling one cancels them all.
         """
         if self._closed:
             raise GateClosedError
-        call = GateCall(self, label)
+        call = GateCall(self, label, cancel_scope)
         self._calls.add(call)
         _CALLS.set((*_CALLS.get(), call))
         return call
@@ -87,7 +98,11 @@ class Gate:
     def leave(self, call: GateCall) -> None:
         """Let one call out."""
         self._calls.discard(call)
-        _CALLS.set(tuple(c for c in _CALLS.get() if c is not call))
+        calls = _CALLS.get()
+        if calls and calls[-1] is call:  # the usual order: last in, first out
+            _CALLS.set(calls[:-1])
+        else:
+            _CALLS.set(tuple(c for c in calls if c is not call))
         for exempt, event in self._waiters:
             if self._calls <= exempt:
                 event.set()
