@@ -6,7 +6,6 @@ import math
 import time
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from builtin_plugins.api.web import RESPONSE_HEADERS, failure
@@ -74,11 +73,15 @@ class RateLimitMiddleware:
             )(scope, receive, send)
             return
 
+        raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        ours = {name for name, _ in raw}
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                mutable = MutableHeaders(scope=message)
-                for name, value in headers.items():
-                    mutable[name] = value
+                # Appended as raw pairs (MutableHeaders rescans the list for each one);
+                # the route's own X-RateLimit-* would be replaced, as before.
+                kept = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in ours]
+                message["headers"] = kept + raw
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

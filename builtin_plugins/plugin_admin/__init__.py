@@ -30,12 +30,14 @@ from builtin_plugins.api.web import (
     flag,
     mask_config,
     paginate,
+    query_value,
     read_json,
     success,
     unmask_config,
 )
 from builtin_plugins.plugin_admin.upload import UPLOAD_OPENAPI, upload_plugin
 from kernel import PluginContext, RouteSpec, hookimpl
+from kernel.models import PluginInfo
 
 OWN_NAME = "plugin_admin"
 log = logging.getLogger("nekobot.plugins.plugin_admin")
@@ -45,9 +47,9 @@ async def list_plugins(request: Request) -> JSONResponse:
     """`GET /api/plugins`."""
     check_query(request, (*PAGE_PARAMS, "state", "source"))
     kernel = request.scope["nekobot.kernel"]
-    items = [plugin_json(i) for i in kernel.plugins.infos()]
+    items = [_as_json(i) for i in kernel.plugins.infos()]
     for field, allowed in (("state", _STATES), ("source", _SOURCES)):
-        wanted = request.query_params.get(field)
+        wanted = query_value(request, field)
         if wanted is not None:
             if wanted not in allowed:
                 raise ApiError(
@@ -58,6 +60,22 @@ async def list_plugins(request: Request) -> JSONResponse:
                 )
             items = [i for i in items if i[field] == wanted]
     return success(paginate(request, items, sort_fields=_SORT_FIELDS, default_sort="name"))
+
+
+#: `plugin_json` of the `PluginInfo` snapshots served last, by identity: the manager
+#: hands out the same snapshot objects until a plugin changes.
+_JSON_OF: dict[int, tuple[PluginInfo, dict[str, Any]]] = {}
+
+
+def _as_json(info: PluginInfo) -> dict[str, Any]:
+    hit = _JSON_OF.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    if len(_JSON_OF) > 512:  # snapshots of plugins long changed
+        _JSON_OF.clear()
+    shaped = plugin_json(info)
+    _JSON_OF[id(info)] = (info, shaped)
+    return shaped
 
 
 _SORT_FIELDS = ("name", "state", "source", "version", "loaded_at", "reload_count")
