@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -35,6 +35,9 @@ from kernel.config import KernelConfig
 from kernel.errors import NekoError
 from kernel.models import CommandConflict, PluginInfo, PluginState
 from kernel.version import __version__
+
+if TYPE_CHECKING:
+    from kernel.install import InstallResult
 
 PROG = "nekobot"
 DATA_DIR_ENV = "NEKOBOT_DATA_DIR"
@@ -450,7 +453,7 @@ async def _plugins_offline(
                 verb = "replaced" if done.replaced else "installed"
                 state = _state(done.plugin) if done.plugin else "installed"
                 _print(f"{verb} {what} ({state})")
-            _print_conflicts(done.conflicts)
+            _print_install_details(done)
         elif action == "remove":
             await plugins.delete(args.name, keep_data=args.keep_data)
             _print(f"removed {args.name}" + (" (data kept)" if args.keep_data else ""))
@@ -467,6 +470,24 @@ def _state(info: PluginInfo) -> str:
         return "disabled"
     text = info.state.value
     return f"{text}: {info.error}" if info.error else text
+
+
+def _print_install_details(done: InstallResult) -> None:
+    """Dependencies and conflicts of an install or a dry run, one line each."""
+    deps = done.dependencies
+    if deps.installed:
+        _print(f"dependencies installed: {', '.join(deps.installed)}")
+    if deps.missing:
+        _print(f"dependencies missing: {', '.join(deps.missing)}")
+    if deps.would_install:
+        _print(f"pip would install: {', '.join(deps.would_install)}")
+    if deps.problem:
+        _print(f"dependency problem: {deps.problem}")
+    if done.conflicts_unknown:
+        _print(f"conflicts unknown: {done.conflicts_unknown}")
+    _print_conflicts(done.conflicts)
+    for c in done.registry_conflicts:
+        _print(f"conflict: {c.kind} {c.key} is held by {c.holder}")
 
 
 def _print_conflicts(conflicts: Sequence[CommandConflict]) -> None:

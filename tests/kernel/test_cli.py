@@ -320,3 +320,44 @@ def test_run_serves_until_interrupted(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+ROUTE_PLUGIN = """
+from starlette.responses import PlainTextResponse
+from kernel import RouteSpec, hookimpl
+
+async def page(request):
+    return PlainTextResponse("hi")
+
+@hookimpl
+def nekobot_routes():
+    return [RouteSpec("/zzcli/page", page)]
+"""
+
+
+def test_install_dry_run_reports_dependencies_and_route_conflicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dirs: list[str]
+) -> None:
+    write_plugin(tmp_path / "plugins", f"{PREFIX}routes", ROUTE_PLUGIN)
+    rival = tmp_path / "rival.zip"
+    rival.write_bytes(archive(f"{PREFIX}rival", ROUTE_PLUGIN))
+    code_, out, _ = run_cli(capsys, "plugins", "install", str(rival), "--dry-run", *dirs)
+    assert code_ == 0, out
+    assert f"conflict: route GET /zzcli/page is held by {PREFIX}routes" in out.splitlines()
+
+    needy = tmp_path / "needy.zip"
+    needy.write_bytes(
+        archive(
+            f"{PREFIX}needy",
+            "import zz_not_installed_anywhere\n",
+            manifest={"dependencies": ["zz-not-installed-anywhere>=1"]},
+        )
+    )
+    code_, out, _ = run_cli(capsys, "plugins", "install", str(needy), "--dry-run", *dirs)
+    lines = out.splitlines()
+    assert code_ == 0, out
+    assert lines[0] == f"would install {PREFIX}needy 1.0 (dry run, nothing written)"
+    assert "dependencies missing: zz-not-installed-anywhere>=1" in lines
+    assert any(line.startswith("dependency problem: ") for line in lines)
+    assert any(line.startswith("conflicts unknown: ") for line in lines)
+    assert sorted(p.name for p in (tmp_path / "plugins").iterdir()) == [f"{PREFIX}routes"]
