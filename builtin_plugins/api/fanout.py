@@ -463,6 +463,8 @@ class Conn(asyncio.Protocol):
     def _unauthenticated_frame(self, text: str | None) -> None:
         if self._auth_sent:
             self._early.append(text)
+            if len(self._early) > PRIVATE_LIMIT:  # a client that does not wait for the answer
+                self.close(1008, "too many frames before authentication")
             return
         try:
             frame = loads(text) if text is not None else None
