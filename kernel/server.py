@@ -12,8 +12,10 @@ scope of each WebSocket connection it can hand off: `{"handoff": callable}`. Cal
 `handoff(take)` before accepting gives up the connection: the server stops reading,
 calls `take(fd, request)` with a duplicate of the socket's file descriptor (the callee
 owns it and must close it) and the bytes of the HTTP upgrade request, then lets go of
-its own descriptor without writing anything. TLS connections, and platforms without
-descriptor passing, are not offered the extension.
+its own descriptor without writing anything. If `take` raises, the descriptor is still
+the server's (it closes it) and so is the connection: the app may accept it after all.
+TLS connections, and platforms without descriptor passing, are not offered the
+extension.
 """
 
 from __future__ import annotations

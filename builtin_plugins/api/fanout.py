@@ -48,6 +48,9 @@ AUTH_GRACE_SECONDS = 5.0
 TOKEN_CHECK_SECONDS = 5.0
 #: Largest frame a client may send.
 MAX_CLIENT_MESSAGE = 1 << 20
+#: Each connection is pinged this often; one that has not answered by the next ping is
+#: closed (1011), as uvicorn does for the connections the bot serves itself.
+PING_INTERVAL = 20.0
 
 #: A follow-up the bot must run for a client action: ("greet", channel, None) after a
 #: subscription to a plugin channel, ("message", channel, data) for a channel's handler.
@@ -55,8 +58,16 @@ Followup = tuple[str, str, Any]
 
 
 def encode(message: Mapping[str, Any]) -> str:
-    """A message as the text of one frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+    """A message as the text of one frame (always valid UTF-8)."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a file name decoded with surrogateescape, say) has no
+            # UTF-8: it is sent as its JSON escape, which decodes to the same string.
+            text = text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _no_constant(name: str) -> Any:
@@ -342,10 +353,17 @@ class Conn(asyncio.Protocol):
         self.paused = False
         self._fragments: list[bytes] = []
         self._fragment_text = False
-        self._early: list[str | None] = []  # frames that came before the token was checked
-        self._auth_sent = False
+        #: Waiting for the bot: to check the token, or to run an action's follow-ups.
+        #: Frames wait meanwhile, in order, as in-process where the next frame is read
+        #: once the last one was handled.
+        self._waiting = False
+        self._held: deque[str | None] = deque()
+        #: The authentication deadline, then the closing one.
         self._timer: asyncio.TimerHandle | None = None
+        #: Set while writing is paused: the peer has this long to read again.
+        self._stall: asyncio.TimerHandle | None = None
         self._close_on_start: tuple[int, str] | None = None
+        self._pong_due = False
 
     # asyncio.Protocol
 
@@ -384,15 +402,16 @@ class Conn(asyncio.Protocol):
                 continue
             if event.opcode is Opcode.CLOSE:  # the protocol object answers it
                 self.closing = True
-                self._leave()
                 continue
             if event.opcode in (Opcode.TEXT, Opcode.BINARY):
                 self._fragments = [bytes(event.data)]
                 self._fragment_text = event.opcode is Opcode.TEXT
             elif event.opcode is Opcode.CONT:
                 self._fragments.append(bytes(event.data))
-            else:
-                continue  # ping, pong: the protocol object answers them
+            else:  # ping (the protocol object answers it), pong
+                if event.opcode is Opcode.PONG:
+                    self._pong_due = False
+                continue
             if not event.fin:
                 continue
             payload = b"".join(self._fragments)
@@ -407,21 +426,29 @@ class Conn(asyncio.Protocol):
                 continue
             self._frame(text)
         self._flush_proto()
-        if self.proto.close_expected() and self.transport is not None:
-            self.transport.close()
+        if self.proto.close_expected():  # closing handshake done, or a protocol error
+            self._finish()
 
     def pause_writing(self) -> None:
+        assert self.transport is not None
         self.paused = True
-        self._cancel_timer()
-        self._timer = self.relay.loop.call_later(self.relay.send_timeout, self._stalled)
+        self._update_reading()
+        self._stall = self.relay.loop.call_later(self.relay.send_timeout, self._stalled)
 
     def resume_writing(self) -> None:
+        assert self.transport is not None
         self.paused = False
-        self._cancel_timer()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self._update_reading()
         self.relay.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._leave()
         self.relay.forget(self)
 
@@ -447,25 +474,45 @@ class Conn(asyncio.Protocol):
         self._join()
         assert self.sub is not None
         self.sub.reply({"type": "authenticated"})
-        early, self._early = self._early, []
-        for text in early:
-            self._frame(text)
+        self.answered()
+
+    def answered(self) -> None:
+        """The bot is done with what this connection waited for: on with its frames."""
+        self._waiting = False
+        while self._held and not self._waiting and not self.closing:
+            self._frame(self._held.popleft())
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the peer unless what it sends would only pile up: while it reads
+        nothing (the pongs to its pings), or while the bot works for it (what waits in
+        `_held` is at most what one read brought). A closing one is read: its close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if (self.paused or self._waiting) and not self.closing:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _wait_for_bot(self, op: Mapping[str, Any]) -> None:
+        self._waiting = True
+        self._update_reading()
+        self.relay.to_bot(op)
 
     def _frame(self, text: str | None) -> None:
         if self.closing:
             return
+        if self._waiting:
+            self._held.append(text)
+            return
         if self.sub is None:
             self._unauthenticated_frame(text)
             return
-        for kind, channel, data in self.relay.fanout.handle(self.sub, text):
-            self.relay.to_bot({"op": kind, "conn": self.id, "channel": channel, "data": data})
+        followups = self.relay.fanout.handle(self.sub, text)
+        if followups:  # the bot answers each in order, then says `done`
+            self._wait_for_bot({"op": "followups", "conn": self.id, "items": followups})
 
     def _unauthenticated_frame(self, text: str | None) -> None:
-        if self._auth_sent:
-            self._early.append(text)
-            if len(self._early) > PRIVATE_LIMIT:  # a client that does not wait for the answer
-                self.close(1008, "too many frames before authentication")
-            return
         try:
             frame = loads(text) if text is not None else None
         except ValueError:
@@ -476,8 +523,7 @@ class Conn(asyncio.Protocol):
         ):
             self.close(4401, "authentication required")
             return
-        self._auth_sent = True
-        self.relay.to_bot({"op": "auth", "conn": self.id, "token": token})
+        self._wait_for_bot({"op": "auth", "conn": self.id, "token": token})
 
     def send_wire(self, data: bytes) -> None:
         """Write ready-made frames (`text_frame`), after what the protocol object has
@@ -498,19 +544,47 @@ class Conn(asyncio.Protocol):
             return
         self.closing = True
         self._leave()
-        self._cancel_timer()
         try:
             self.proto.send_close(code, reason)
         except Exception:  # the protocol already closed (peer's close, error)
-            self.transport.close()
+            self._finish()
             return
         self._flush_proto()
+        self._update_reading()
+        self._cancel_timer()
         self._timer = self.relay.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
+    def _finish(self) -> None:
+        """The WebSocket is over: close the socket once its buffer is written, or after
+        `CLOSE_TIMEOUT` for a peer that reads nothing."""
+        self.closing = True
+        self._leave()
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._cancel_timer()
+        self._timer = self.relay.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        self.transport.close()
+
+    def ping(self) -> None:
+        """Keepalive: close the connection if it did not answer the last ping."""
+        if self.transport is None or self.transport.is_closing() or self.closing:
+            return
+        if self.paused or self._waiting:  # its pong may be unread: other deadlines hold
+            self._pong_due = False
+            return
+        if self._pong_due:
+            self.close(1011, "keepalive ping timeout")
+            return
+        self._pong_due = True
+        self.proto.send_ping(b"")
+        self._flush_proto()
+
     def _stalled(self) -> None:
-        self._timer = None
-        if self.paused and self.sub is not None:
-            self.sub.drop()
+        self._stall = None
+        if self.sub is not None and not self.closing:
+            self.sub.drop()  # closes it (1008)
+        elif self.transport is not None:  # not even the closing handshake gets through
+            self.transport.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -534,10 +608,12 @@ class Relay:
         self.send_timeout: float = opts.send_timeout
         self.auth_grace: float = opts.auth_grace
         self.batch_interval: float = opts.batch_interval
+        self.ping_interval: float = opts.ping_interval
         self.plugin_channels: set[str] = set()
         self.fanout = Fanout(self._channel_exists, self.wake)
         self.conns: dict[int, Conn] = {}
         self.done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._inbox = bytearray()
         self._fds: deque[int] = deque()
         self._outbox = bytearray()
@@ -580,8 +656,13 @@ class Relay:
         op = json.loads(rest)
         name = op.get("op")
         if name == "adopt":
-            fd = self._fds.popleft()
-            self.loop.create_task(self._adopt(fd, op))
+            # Known from now on: a `close` may follow before the socket is adopted.
+            request = str(op["request"]).encode("latin-1")
+            adopted = Conn(self, int(op["conn"]), request, bool(op["authed"]))
+            self.conns[adopted.id] = adopted
+            task = self.loop.create_task(self._adopt(adopted, self._fds.popleft()))
+            self._tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
         elif name == "close":
             conn = self.conns.get(op["conn"])
             if conn is not None:
@@ -590,6 +671,10 @@ class Relay:
             conn = self.conns.get(op["conn"])
             if conn is not None and conn.sub is not None:
                 conn.sub.reply_text(op["text"])
+        elif name == "done":
+            conn = self.conns.get(op["conn"])
+            if conn is not None:
+                conn.answered()
         elif name == "auth_result":
             conn = self.conns.get(op["conn"])
             if conn is not None:
@@ -602,18 +687,25 @@ class Relay:
         elif name == "shutdown":
             self.shutdown(op.get("code", 1012), op.get("reason", "server restarting; reconnect"))
 
-    async def _adopt(self, fd: int, op: Mapping[str, Any]) -> None:
-        conn_id = int(op["conn"])
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        conn = Conn(self, conn_id, str(op["request"]).encode("latin-1"), bool(op["authed"]))
-        self.conns[conn_id] = conn
+    async def _adopt(self, conn: Conn, fd: int) -> None:
         try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            self.forget(conn)
+            return
+        try:
+            sock.setblocking(False)
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError:
             sock.close()
             self.forget(conn)
-            return
+
+    def keepalive(self) -> None:
+        """Ping every connection, every `ping_interval`."""
+        self.loop.call_later(self.ping_interval, self.keepalive)
+        for conn in list(self.conns.values()):
+            conn.ping()
 
     def forget(self, conn: Conn) -> None:
         """A connection ended: the bot stops watching its token."""
@@ -679,6 +771,7 @@ async def _relay_main(opts: argparse.Namespace) -> None:
     control.setblocking(False)
     relay = Relay(control, opts)
     relay.loop.add_reader(control.fileno(), relay.on_control)
+    relay.loop.call_later(relay.ping_interval, relay.keepalive)
     relay.to_bot({"op": "ready", "pid": os.getpid()})
     await relay.done.wait()
     for conn in list(relay.conns.values()):
@@ -694,6 +787,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--send-timeout", type=float, default=SEND_TIMEOUT)
     parser.add_argument("--auth-grace", type=float, default=AUTH_GRACE_SECONDS)
     parser.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL)
+    parser.add_argument("--ping-interval", type=float, default=PING_INTERVAL)
     parser.add_argument("--ring-size", type=int, default=RING_SIZE)
     parser.add_argument("--private-limit", type=int, default=PRIVATE_LIMIT)
     opts = parser.parse_args(argv)

@@ -57,6 +57,7 @@ class Hub:
         self._relay: RelayLink | None = None
         self._relay_lock = anyio.Lock()
         self._relay_failed_at = -RELAY_RETRY_SECONDS
+        self._closed = False
 
     @property
     def subscribers(self) -> set[Subscriber]:
@@ -123,6 +124,7 @@ class Hub:
 
     async def aclose(self) -> None:
         """Stop the relay process (its connections are told to reconnect)."""
+        self._closed = True  # one starting now is stopped once it is ready
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.stop()
@@ -132,6 +134,8 @@ class Hub:
         if self._start_task is None:
             return None
         async with self._relay_lock:
+            if self._closed:
+                return None
             if self.relay is not None:
                 return self.relay
             if time.monotonic() - self._relay_failed_at < RELAY_RETRY_SECONDS:
@@ -143,8 +147,17 @@ class Hub:
                 log.exception("the /ws relay process did not start; serving in-process")
                 self._relay_failed_at = time.monotonic()
                 return None
+            if self._closed:  # the plugin went away while it started: nobody would stop it
+                await link.stop()
+                return None
             self._relay = link
             return link
+
+    async def followup(self, kind: str, channel: str, data: Any) -> dict[str, Any] | None:
+        """Run one follow-up of a client action (`Fanout.handle`): the reply, if any."""
+        if kind == "greet":
+            return await self.greet(channel)
+        return await self.channel_message(channel, data)
 
     async def greet(self, channel: str) -> dict[str, Any] | None:
         """What a plugin channel says to a new subscriber (its `on_subscribe`)."""
@@ -188,8 +201,11 @@ class Hub:
                 def take(fd: int, request: bytes) -> None:
                     relay.adopt(fd, request, authenticated, claims)
 
-                handoff["handoff"](take)
-                return
+                try:
+                    handoff["handoff"](take)
+                    return
+                except RuntimeError:  # the relay just ended, or the client left meanwhile
+                    pass
         await ws.accept()
         if principal is None:
             claims = await self._first_frame_auth(ws)
@@ -289,10 +305,7 @@ class Hub:
 
     async def _run(self, sub: Subscriber, followups: list[Followup]) -> None:
         for kind, channel, data in followups:
-            if kind == "greet":
-                answer = await self.greet(channel)
-            else:
-                answer = await self.channel_message(channel, data)
+            answer = await self.followup(kind, channel, data)
             if answer is not None:
                 sub.reply(answer)
 

@@ -17,6 +17,7 @@ is written by the relay; the bot only
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import logging
 import os
@@ -25,14 +26,14 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from builtin_plugins.api import fanout
-from builtin_plugins.api.fanout import encode
+from builtin_plugins.api.fanout import Followup, encode
 
 if TYPE_CHECKING:
     from builtin_plugins.api.hub import Hub
@@ -73,6 +74,7 @@ class RelayLink:
         self._queue: deque[list[Any]] = deque()  # [memoryview, fds]
         self._queued = 0
         self._writing = False
+        self._reading = False  # `run` waits on the socket
         self._ready = anyio.Event()
         self._conns_changed = anyio.Event()
         self._stats: dict[int, list[Any]] = {}
@@ -93,6 +95,7 @@ class RelayLink:
                 f"--send-timeout={fanout.SEND_TIMEOUT}",
                 f"--auth-grace={fanout.AUTH_GRACE_SECONDS}",
                 f"--batch-interval={fanout.BATCH_INTERVAL}",
+                f"--ping-interval={fanout.PING_INTERVAL}",
                 f"--ring-size={fanout.RING_SIZE}",
                 f"--private-limit={fanout.PRIVATE_LIMIT}",
             ]
@@ -113,10 +116,12 @@ class RelayLink:
         ours.setblocking(False)
         self._sock = ours
         self.alive = True
-        start_task(self.run, name="ws relay")
         try:
+            start_task(self.run, name="ws relay")  # refused once the plugin is disposed
             with anyio.fail_after(START_TIMEOUT):
                 await self._ready.wait()
+            if not self.alive:
+                raise RuntimeError("the /ws relay process ended before it was ready")
         except BaseException:
             await self.stop()
             raise
@@ -148,18 +153,33 @@ class RelayLink:
             if self._writing:
                 self._loop.remove_writer(self._sock.fileno())
                 self._writing = False
-            self._sock.close()
-            self._sock = None
+            # Closed only once `run` no longer waits on it (a descriptor closed under a
+            # waiter leaves it waiting forever, or on whatever reuses the number); the
+            # shutdown wakes it.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if not self._reading:
+                self._sock.close()
+                self._sock = None
         for waiter in self._stats.values():
             waiter[0].set()
+        self._ready.set()  # `start` need not wait any longer
 
     async def run(self) -> None:
         """Read what the relay sends; watch the tokens of its connections."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_tokens)
-            async for op in self._ops():
-                self._op(op, tg)
-            tg.cancel_scope.cancel()
+        self._reading = True
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_tokens)
+                async for op in self._ops():
+                    self._op(op, tg)
+                tg.cancel_scope.cancel()
+        except Exception:  # a bug on either side: this relay goes, the next one starts
+            log.exception("the /ws relay link failed")
+        finally:
+            self._reading = False
+            if not self.alive:  # `_broken` left the socket to us
+                self._broken()
         # The relay closed its end: stopped by us, or it died.
         process, self._process = self._process, None
         self._broken()
@@ -182,12 +202,8 @@ class RelayLink:
             self.claims.pop(op["conn"], None)
         elif name == "auth":
             self._auth(op["conn"], op["token"])
-        elif name == "greet":
-            tg.start_soon(self._reply, op["conn"], self.hub.greet(op["channel"]))
-        elif name == "message":
-            tg.start_soon(
-                self._reply, op["conn"], self.hub.channel_message(op["channel"], op["data"])
-            )
+        elif name == "followups":
+            tg.start_soon(self._followups, op["conn"], op["items"])
         elif name == "stats":
             waiter = self._stats.pop(op["id"], None)
             if waiter is not None:
@@ -222,10 +238,10 @@ class RelayLink:
     def adopt(
         self, fd: int, request: bytes, authenticated: bool, claims: Mapping[str, Any] | None
     ) -> None:
-        """Hand an accepted connection over (this takes `fd`). `authenticated`: its
-        upgrade request carried a valid token; else it must send an `auth` frame."""
+        """Hand an accepted connection over: this takes `fd`, unless it raises (as the
+        hand-off's `take` must). `authenticated`: its upgrade request carried a valid
+        token; else it must send an `auth` frame."""
         if not self.alive:
-            os.close(fd)
             raise RuntimeError("the /ws relay is not running")
         self._next_id += 1
         conn = self._next_id
@@ -268,10 +284,16 @@ class RelayLink:
             self._watch(conn, claims)
         self.control({"op": "auth_result", "conn": conn, "ok": ok})
 
-    async def _reply(self, conn: int, answer: Awaitable[Mapping[str, Any] | None]) -> None:
-        message = await answer
-        if message is not None and conn in self.conns:
-            self.control({"op": "reply", "conn": conn, "text": encode(message)})
+    async def _followups(self, conn: int, items: list[Followup]) -> None:
+        """Run what a client action asks of the kernel, in order, as the in-process hub
+        does; then let the connection go on."""
+        try:
+            for kind, channel, data in items:
+                message = await self.hub.followup(kind, channel, data)
+                if message is not None and conn in self.conns:
+                    self.control({"op": "reply", "conn": conn, "text": encode(message)})
+        finally:
+            self.control({"op": "done", "conn": conn})
 
     def _watch(self, conn: int, claims: Mapping[str, Any]) -> None:
         self.claims[conn] = claims
@@ -319,16 +341,16 @@ class RelayLink:
 
     def control(self, op: Mapping[str, Any], fds: list[int] | None = None) -> None:
         """Send a control operation now (after the lines gathered so far)."""
-        if not self.alive:
-            for fd in fds or ():
-                os.close(fd)
-            return
         if self._gather is not None:
             self._gather.cancel()
         self._flush_lines()
         self._enqueue(b"c\t" + encode(op).encode() + b"\n", fds or [])
 
     def _enqueue(self, data: bytes, fds: list[int]) -> None:
+        if not self.alive:  # lines gathered before the link broke
+            for fd in fds:
+                os.close(fd)
+            return
         self._queue.append([memoryview(data), fds])
         self._queued += len(data)
         if not self._writing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -141,3 +142,31 @@ async def test_plain_uvicorn_protocols_offer_no_handoff() -> None:
             client.sendall(upgrade_request())
             await anyio.to_thread.run_sync(client.recv, 1024)
     assert seen == [False]
+
+
+async def test_a_taker_that_raises_leaves_the_connection_to_the_server() -> None:
+    given: list[tuple[int, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+        def take(fd: int, request: bytes) -> None:
+            given.append((fd, os.fstat(fd).st_ino))
+            raise RuntimeError("not today")
+
+        with pytest.raises(RuntimeError):
+            scope["extensions"][WEBSOCKET_HANDOFF]["handoff"](take)
+        await send({"type": "websocket.accept"})  # still the server's connection
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with serving(app) as port:
+        client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            client.settimeout(5)
+            client.sendall(upgrade_request())
+            answer = await anyio.to_thread.run_sync(client.recv, 1024)
+            assert answer.startswith(b"HTTP/1.1 101"), answer
+    ((fd, inode),) = given
+    # The server closed the duplicate (the number may have been reused since).
+    with contextlib.suppress(OSError):
+        assert os.fstat(fd).st_ino != inode

@@ -1,14 +1,32 @@
-"""The `/ws` protocol core without I/O: rings, cursors, shared frames, actions."""
+"""The `/ws` protocol core without I/O (rings, cursors, shared frames, actions), and the
+relay process's connections run in the test's loop."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
+from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
 from builtin_plugins.api import fanout
-from builtin_plugins.api.fanout import Fanout, Subscriber, encode, text_frame
+from builtin_plugins.api.fanout import (
+    WRITE_BUFFER_HIGH,
+    Fanout,
+    Relay,
+    Subscriber,
+    encode,
+    text_frame,
+)
 
 
 def make(channels: tuple[str, ...] = ("logs", "events", "zz.plug")) -> Fanout:
@@ -89,3 +107,160 @@ def test_bad_frames_are_answered_not_raised(text: str | None) -> None:
     sub = Subscriber()
     assert hub.handle(sub, text) == []
     assert json.loads(sub.private[-1])["type"] == "error"
+
+
+def test_a_lone_surrogate_is_sent_as_its_escape() -> None:
+    # A file name decoded with surrogateescape, say: it has no UTF-8 encoding.
+    text = encode({"message": "bad \udcff name", "ok": "é"})
+    assert text.encode()  # no UnicodeEncodeError
+    assert json.loads(text) == {"message": "bad \udcff name", "ok": "é"}
+
+
+# -- the relay process's connections, run in this loop ---------------------------------
+
+
+@asynccontextmanager
+async def relay_here(**options: float) -> AsyncIterator[tuple[Relay, socket.socket]]:
+    """A `Relay` in this loop, and the bot's end of its control socket."""
+    bot, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    opts = {
+        "send_timeout": 60.0,
+        "auth_grace": 60.0,
+        "batch_interval": 0.01,
+        "ping_interval": 60.0,
+        **options,
+    }
+    relay = Relay(theirs, argparse.Namespace(**opts))
+    relay.loop.add_reader(theirs.fileno(), relay.on_control)
+    relay.loop.call_later(relay.ping_interval, relay.keepalive)
+    try:
+        yield relay, bot
+    finally:
+        relay.loop.remove_reader(theirs.fileno())
+        for conn in list(relay.conns.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await anyio.lowlevel.checkpoint()  # connection_lost callbacks
+        theirs.close()
+        bot.close()
+
+
+def op_line(op: dict[str, Any]) -> bytes:
+    return b"c\t" + json.dumps(op).encode() + b"\n"
+
+
+def hand_over(
+    bot: socket.socket, conn: int, authed: bool, then: tuple[dict[str, Any], ...] = ()
+) -> tuple[socket.socket, ClientProtocol]:
+    """Hand the relay a connection as the bot does (`then`: ops sent in the same write);
+    returns the client's socket and protocol."""
+    client_proto = ClientProtocol(parse_uri("ws://127.0.0.1/ws"))
+    client_proto.send_request(client_proto.connect())
+    request = b"".join(client_proto.data_to_send())
+    client, server = socket.socketpair()
+    client.setblocking(False)
+    adopt = {"op": "adopt", "conn": conn, "authed": authed, "request": request.decode()}
+    data = op_line(adopt) + b"".join(op_line(op) for op in then)
+    socket.send_fds(bot, [data], [server.fileno()])
+    server.close()
+    return client, client_proto
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 (state of the relay in this loop)
+            await anyio.sleep(0.01)
+
+
+async def read_frames(client: socket.socket, proto: ClientProtocol) -> list[Any]:
+    """What the client got so far (the handshake response, frames)."""
+    await anyio.sleep(0.05)
+    with contextlib.suppress(BlockingIOError):
+        while data := client.recv(1 << 16):
+            proto.receive_data(data)
+    return list(proto.events_received())
+
+
+@pytest.mark.anyio
+async def test_a_close_sent_with_the_adoption_is_not_lost() -> None:
+    async with relay_here() as (relay, bot):
+        close = {"op": "close", "conn": 1, "code": 4401, "reason": "token expired or revoked"}
+        client, proto = hand_over(bot, 1, authed=True, then=(close,))
+        with client:
+            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            events = await read_frames(client, proto)
+            assert [type(e).__name__ for e in events] == ["Response", "Frame"]
+            assert events[1].opcode is Opcode.CLOSE
+            assert proto.close_rcvd is not None and proto.close_rcvd.code == 4401
+
+
+async def fill_write_buffer(relay: Relay, conn: int) -> None:
+    """The client reads nothing: the relay's writes to it back up until it is paused."""
+    transport = relay.conns[conn].transport
+    assert transport is not None
+    transport.write(b"\0" * (4 << 20))
+    assert relay.conns[conn].paused
+
+
+@pytest.mark.anyio
+async def test_an_unauthenticated_peer_that_reads_nothing_is_closed_in_time() -> None:
+    async with relay_here(auth_grace=0.3) as (relay, bot):
+        client, _ = hand_over(bot, 1, authed=False)
+        with client:
+            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            await fill_write_buffer(relay, 1)
+            # The authentication deadline still holds (then the closing one).
+            await until(lambda: 1 not in relay.conns, timeout=3)
+
+
+@pytest.mark.anyio
+async def test_a_protocol_error_from_a_peer_that_reads_nothing_ends_it() -> None:
+    async with relay_here(send_timeout=0.3) as (relay, bot):
+        client, _ = hand_over(bot, 1, authed=True)
+        with client:
+            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            await fill_write_buffer(relay, 1)
+            client.send(Frame(Opcode.TEXT, b"unmasked").serialize(mask=False))
+            await until(lambda: 1 not in relay.conns, timeout=3)
+
+
+@pytest.mark.anyio
+async def test_pings_from_a_peer_that_reads_nothing_do_not_pile_up() -> None:
+    async with relay_here() as (relay, bot):
+        client, _ = hand_over(bot, 1, authed=True)
+        with client:
+            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            transport = relay.conns[1].transport
+            assert transport is not None
+            pings = memoryview(Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 40_000)
+            sent = 0
+            with anyio.move_on_after(2):
+                while sent < len(pings):  # ~5 MB of pings: as many pongs
+                    try:
+                        sent += client.send(pings[sent : sent + (1 << 16)])
+                    except BlockingIOError:
+                        await anyio.sleep(0.01)
+                    else:
+                        await anyio.lowlevel.checkpoint()
+            # The relay stopped reading once its writes backed up: the client could not
+            # send everything, and what waits for it stays near the buffer limit.
+            assert not relay.conns[1].closing
+            assert sent < len(pings)
+            assert transport.get_write_buffer_size() < 2 * WRITE_BUFFER_HIGH
+
+
+@pytest.mark.anyio
+async def test_a_peer_that_answers_no_ping_is_closed() -> None:
+    async with relay_here(ping_interval=0.1) as (relay, bot):
+        silent, _ = hand_over(bot, 1, authed=True)
+        answering, proto = hand_over(bot, 2, authed=True)
+        with silent, answering:
+            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            with anyio.move_on_after(0.5):
+                while True:  # the client library answers pings as it reads
+                    await read_frames(answering, proto)
+                    for data in proto.data_to_send():
+                        answering.send(data)
+            assert 1 in relay.conns and relay.conns[1].closing  # 1011, then closed
+            assert 2 in relay.conns and not relay.conns[2].closing

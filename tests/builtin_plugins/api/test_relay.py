@@ -3,18 +3,24 @@ plugin, restarted after it dies; the hub serves in-process when it cannot start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 import websockets
 
+from builtin_plugins.api import fanout
 from builtin_plugins.api.hub import Hub
-from builtin_plugins.api.relay import RelayLink
+from builtin_plugins.api.relay import START_TIMEOUT, RelayLink, StartTask
+from kernel import DisposedError
 from tests.builtin_plugins.conftest import ApiServer, api_server
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +105,114 @@ async def test_served_in_process_when_the_relay_cannot_start(
         caplog.clear()
         await pong(api)
         assert not any("did not start" in r.getMessage() for r in caplog.records)
+
+
+class _Hub:
+    """What a `RelayLink` needs of its hub before it talks to a relay."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+
+async def test_a_refused_adoption_leaves_the_descriptor_to_the_caller() -> None:
+    link = RelayLink(_Hub())  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = os.dup(theirs.fileno())
+        with pytest.raises(RuntimeError):
+            link.adopt(fd, b"GET /ws HTTP/1.1\r\n\r\n", True, None)
+        os.fstat(fd)  # still open: the hand-off closes it (once)
+        os.close(fd)
+
+
+async def test_a_relay_gone_before_the_handoff_leaves_the_connection_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = RelayLink.start
+
+    async def start_then_die(self: RelayLink, start_task: StartTask) -> None:
+        await start(self, start_task)
+        await self.stop()
+
+    monkeypatch.setattr(RelayLink, "start", start_then_die)
+    async with api_server(tmp_path) as api:
+        await pong(api)  # served in-process, not a 500
+        assert the_hub(api).relay is None
+
+
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[anyio.abc.Process]:
+    """The processes `anyio.open_process` starts from now on."""
+    processes: list[anyio.abc.Process] = []
+    open_process = anyio.open_process
+
+    async def recording(*args: Any, **kwargs: Any) -> anyio.abc.Process:
+        process = await open_process(*args, **kwargs)
+        processes.append(process)
+        return process
+
+    monkeypatch.setattr(anyio, "open_process", recording)
+    return processes
+
+
+async def test_a_relay_started_while_the_plugin_goes_away_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    processes = spawned(monkeypatch)
+    start = RelayLink.start
+
+    async def start_during_disposal(self: RelayLink, start_task: StartTask) -> None:
+        await start(self, start_task)
+        await self.hub.aclose()  # the plugin's disposal, while this one started
+
+    monkeypatch.setattr(RelayLink, "start", start_during_disposal)
+    async with api_server(tmp_path) as api:
+        await pong(api)
+        assert the_hub(api).relay is None
+        (process,) = processes
+        assert process.returncode is not None
+
+
+async def test_a_relay_the_disposed_plugin_cannot_watch_is_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    processes = spawned(monkeypatch)
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise DisposedError("plugin 'api' was disposed; cannot start a task")
+
+    link = RelayLink(_Hub())  # type: ignore[arg-type]
+    with pytest.raises(DisposedError):
+        await link.start(refused)
+    (process,) = processes
+    assert process.returncode is not None
+    assert not link.alive
+
+
+async def test_a_link_that_breaks_while_the_relay_runs_is_noticed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with api_server(tmp_path) as api:
+        hub = the_hub(api)
+        await pong(api)
+        link = hub.relay
+        assert link is not None and link.pid is not None
+        # As when a write to the relay fails: the reader must not be left waiting on a
+        # closed descriptor (it would never learn that the relay is gone).
+        link._broken()
+        with anyio.fail_after(5):
+            while alive(link.pid):  # noqa: ASYNC110 (polling another process)
+                await anyio.sleep(0.01)
+        assert any("relay process ended" in r.getMessage() for r in caplog.records)
+        await pong(api)  # a new one
+        assert hub.relay is not None and hub.relay is not link
+
+
+async def test_a_relay_that_exits_at_once_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fanout, "RING_SIZE", "not a number")  # its arguments are refused
+    caplog.set_level(logging.ERROR)
+    async with api_server(tmp_path) as api:
+        with anyio.fail_after(START_TIMEOUT / 2):
+            await pong(api)  # in-process, without waiting for the start timeout
+        assert any("did not start" in r.getMessage() for r in caplog.records)

@@ -488,3 +488,57 @@ async def test_nothing_is_kept_while_nobody_listens(api: ApiServer) -> None:
         log.warning("zws: somebody listens")
         message = await recv_until(ws, lambda m: m["type"] == "message")
         assert "zws: somebody listens" in message["data"]["message"]
+
+
+async def test_a_lone_surrogate_breaks_nothing(api: ApiServer) -> None:
+    """A string with no UTF-8 encoding (a file name decoded with surrogateescape, say)
+    arrives as its JSON escape, and what is published after it arrives too."""
+    hub = the_hub(api)
+    async with connect(api) as ws:
+        await subscribe(ws, "events")
+        hub.publish("events", {"zws_path": "/tmp/\udcff"})
+        hub.publish("events", {"zws_path": "/tmp/ok"})
+        first = await recv_until(ws, lambda m: "zws_path" in m.get("data", {}))
+        assert first["data"] == {"zws_path": "/tmp/\udcff"}
+        second = await recv_until(ws, lambda m: "zws_path" in m.get("data", {}))
+        assert second["data"] == {"zws_path": "/tmp/ok"}
+
+
+ORDER_PLUGIN = """
+import anyio
+from kernel import ChannelSpec, hookimpl
+
+RUNNING = []
+
+async def on_message(data):
+    RUNNING.append(data)
+    try:
+        await anyio.sleep(0.2 if data == 0 else 0)
+        return {"echo": data, "alongside": len(RUNNING) - 1}
+    finally:
+        RUNNING.remove(data)
+
+@hookimpl
+def nekobot_ws_channels():
+    return [ChannelSpec("zws_order.q", "questions", on_message=on_message)]
+"""
+
+
+async def test_a_connections_messages_are_answered_in_order_one_at_a_time(
+    api: ApiServer,
+) -> None:
+    purge_modules("zws_order")
+    write_plugin(api.plugin_dir, "zws_order", ORDER_PLUGIN)
+    async with api.authed() as c:
+        assert (await c.post("/api/plugins/rescan")).is_success
+        assert (await c.post("/api/plugins/enable", json={"name": "zws_order"})).is_success
+    async with connect(api) as ws:
+        for n in range(3):  # the first one is slow
+            await send(ws, {"action": "message", "channel": "zws_order.q", "data": n})
+        await send(ws, {"action": "ping"})
+        got = [await recv_until(ws, lambda m: m["type"] in ("message", "pong")) for _ in range(4)]
+        assert got[:3] == [
+            {"type": "message", "channel": "zws_order.q", "data": {"echo": n, "alongside": 0}}
+            for n in range(3)
+        ]
+        assert got[3] == {"type": "pong"}
