@@ -213,6 +213,14 @@ class Fanout:
                 sub.cursors[channel] = ring.next_seq
         return data
 
+    def skipped(self, channel: str, count: int) -> None:
+        """Tell the subscribers of `channel` that `count` of its messages were lost
+        before they reached the rings."""
+        for sub in self.subscribers:
+            if channel in sub.cursors:
+                sub.skipped_total += count
+                sub.reply({"type": "skipped", "channel": channel, "count": count})
+
     def close_missing_channels(self) -> None:
         """Tell subscribers of channels that went away, and forget those subscriptions."""
         for channel in [c for c in self.rings if not self.channel_exists(c)]:
@@ -682,6 +690,11 @@ class Relay:
         elif name == "channels":
             self.plugin_channels = set(op["names"])
             self.fanout.close_missing_channels()
+        elif name == "publish":  # a channel name that a line cannot carry
+            self.fanout.append(op["channel"], op["text"])
+        elif name == "skipped":  # the bot dropped these while this process lagged
+            for channel, count in op["counts"].items():
+                self.fanout.skipped(channel, int(count))
         elif name == "stats":
             self.to_bot({"op": "stats", "id": op["id"], "stats": self.fanout.stats()})
         elif name == "shutdown":

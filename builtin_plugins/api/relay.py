@@ -65,6 +65,8 @@ class RelayLink:
         self.claims: dict[int, Mapping[str, Any]] = {}
         #: Published messages not forwarded because the relay fell too far behind.
         self.dropped = 0
+        #: Those not told to the relay's subscribers yet, by channel.
+        self._skipped: dict[str, int] = {}
         self._loop = hub.loop
         self._sock: socket.socket | None = None
         self._process: anyio.abc.Process | None = None
@@ -269,8 +271,11 @@ class RelayLink:
         waiter: list[Any] = [anyio.Event(), None]
         self._stats[ident] = waiter
         self.control({"op": "stats", "id": ident})
-        with anyio.fail_after(5):
-            await waiter[0].wait()
+        try:
+            with anyio.fail_after(5):
+                await waiter[0].wait()
+        finally:
+            self._stats.pop(ident, None)
         stats: dict[str, Any] = dict(waiter[1] or {})
         stats["dropped_by_bot"] = self.dropped
         stats["pid"] = self.pid
@@ -323,12 +328,20 @@ class RelayLink:
 
     def publish(self, channel: str, text: str) -> None:
         """Forward one encoded message (loop thread; never blocks)."""
-        if not self.alive or "\t" in channel or "\n" in channel:
+        if not self.alive:
             return
         if self._queued > MAX_BACKLOG:
             self.dropped += 1
+            self._skipped[channel] = self._skipped.get(channel, 0) + 1
             return
-        self._lines.append(f"m\t{channel}\t{text}\n")
+        if self._skipped:  # subscribers hear what they missed, where they missed it
+            self._lines.append(f"c\t{encode({'op': 'skipped', 'counts': self._skipped})}\n")
+            self._skipped = {}
+        if "\t" in channel or "\n" in channel:
+            op = {"op": "publish", "channel": channel, "text": text}
+            self._lines.append(f"c\t{encode(op)}\n")
+        else:
+            self._lines.append(f"m\t{channel}\t{text}\n")
         if self._gather is None:
             self._gather = self._loop.call_later(GATHER_SECONDS, self._flush_lines)
 

@@ -216,3 +216,80 @@ async def test_a_relay_that_exits_at_once_is_not_waited_for(
         with anyio.fail_after(START_TIMEOUT / 2):
             await pong(api)  # in-process, without waiting for the start timeout
         assert any("did not start" in r.getMessage() for r in caplog.records)
+
+
+async def test_what_the_bot_drops_for_a_lagging_relay_is_told_as_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from builtin_plugins.api import relay as relay_module
+
+    log = logging.getLogger("nekobot.tests.relay")
+    async with api_server(tmp_path) as api:
+        url = api.base_url.replace("http://", "ws://") + "/ws"
+        async with websockets.connect(url, additional_headers=api.headers) as ws:
+            await ws.send(json.dumps({"action": "subscribe", "channels": ["logs"]}))
+            with anyio.fail_after(5):
+                while json.loads(await ws.recv())["type"] != "subscribed":
+                    pass
+            # As if the relay had fallen 32 MB behind: everything is dropped meanwhile.
+            monkeypatch.setattr(relay_module, "MAX_BACKLOG", -1)
+            for i in range(5):
+                log.warning("zzrelay dropped %d", i)
+            monkeypatch.setattr(relay_module, "MAX_BACKLOG", 1 << 20)
+            log.warning("zzrelay after the drops")
+            seen = []
+            with anyio.fail_after(5):
+                while True:
+                    m = json.loads(await ws.recv())
+                    seen.append(m)
+                    if m.get("data", {}).get("message") == "zzrelay after the drops":
+                        break
+            skipped = [m for m in seen if m["type"] == "skipped"]
+            assert skipped and skipped[0]["channel"] == "logs" and skipped[0]["count"] >= 5
+            assert not any("zzrelay dropped" in m.get("data", {}).get("message", "") for m in seen)
+            assert the_hub(api).relay is not None
+
+
+TAB_CHANNEL_PLUGIN = """
+from kernel import ChannelSpec, CommandSpec, hookimpl
+
+STATE = {}
+
+async def tick(cmd):
+    STATE["ctx"].publish("zzrel\\ttab", {"n": cmd.args})
+    return "ticked"
+
+@hookimpl
+def nekobot_ws_channels():
+    return [ChannelSpec("zzrel\\ttab", "a name a line cannot carry")]
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("zzrel_tick", tick)]
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    STATE["ctx"] = ctx
+"""
+
+
+async def test_a_channel_name_with_a_tab_reaches_relay_subscribers(tmp_path: Path) -> None:
+    from kernel.testing import MockBot
+    from tests.plugin_factory import purge_modules, write_plugin
+
+    async with api_server(tmp_path) as api:
+        purge_modules("zzrel_tabs")
+        write_plugin(api.plugin_dir, "zzrel_tabs", TAB_CHANNEL_PLUGIN)
+        async with api.authed() as c:
+            assert (await c.post("/api/plugins/rescan")).is_success
+            assert (await c.post("/api/plugins/enable", json={"name": "zzrel_tabs"})).is_success
+        url = api.base_url.replace("http://", "ws://") + "/ws"
+        async with websockets.connect(url, additional_headers=api.headers) as ws:
+            await ws.send(json.dumps({"action": "subscribe", "channels": ["zzrel\ttab"]}))
+            with anyio.fail_after(5):
+                assert json.loads(await ws.recv())["type"] == "subscribed"
+            assert await MockBot(api.kernel).receive("/zzrel_tick 3") == ["ticked"]
+            with anyio.fail_after(5):
+                m = json.loads(await ws.recv())
+            assert m == {"type": "message", "channel": "zzrel\ttab", "data": {"n": "3"}}
+            assert the_hub(api).relay is not None
