@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 import anyio
 import anyio.to_thread
 import attrs
+from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -33,12 +34,19 @@ PIP_TIMEOUT = 600.0
 
 
 def missing_requirements(requirements: Sequence[str]) -> list[str]:
-    """The requirements that the installed distributions do not satisfy yet."""
+    """The requirements that the installed distributions do not satisfy yet.
+
+    Raises InstallError for a requirement whose marker cannot be evaluated here.
+    """
     missing = []
     for text in requirements:
         req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate():
-            continue
+        try:
+            if req.marker is not None and not req.marker.evaluate():
+                continue
+        except (UndefinedComparison, UndefinedEnvironmentName) as exc:
+            # Parses as PEP 508 but compares e.g. `python_version ~= "abc"`.
+            raise InstallError(f"dependency {text!r}: cannot evaluate its marker: {exc}") from None
         try:
             version = importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError:
@@ -117,18 +125,24 @@ def _last_error(output: str) -> str:
 
 
 async def install_requirements(
-    requirements: Sequence[str], *, pip_args: Sequence[str] = (), dry_run: bool = False
+    requirements: Sequence[str],
+    *,
+    pip_args: Sequence[str] = (),
+    dry_run: bool = False,
+    resolved: bool = False,
 ) -> list[str]:
     """Install what is missing of `requirements` (or, with `dry_run`, only resolve it).
 
     Returns the requirements that were (or would be) installed. Raises InstallError
     naming the requirement that failed; on a failed resolution nothing is installed.
+    `resolved`: the caller resolved them just now (`resolve_requirements`), skip that.
     """
     missing = await anyio.to_thread.run_sync(missing_requirements, requirements)
     if not missing:
         return []
     # Resolve first: a real install that fails halfway could leave some packages in.
-    await _pip_install(missing, pip_args, [["--dry-run"]] if dry_run else [["--dry-run"], []])
+    steps = [["--dry-run"]] if dry_run else [[]] if resolved else [["--dry-run"], []]
+    await _pip_install(missing, pip_args, steps)
     return missing
 
 
@@ -149,7 +163,8 @@ async def resolve_requirements(
         await _pip_install(missing, pip_args, [["--dry-run", "--report", report]])
         text = await anyio.Path(report).read_text(encoding="utf-8")
     finally:
-        await anyio.to_thread.run_sync(os.unlink, report)
+        with anyio.CancelScope(shield=True):  # also when cancelled: no file left behind
+            await anyio.to_thread.run_sync(os.unlink, report)
     try:
         items = json.loads(text)["install"]
         return sorted(
@@ -190,7 +205,8 @@ async def _pip_install(
             f"installing {', '.join(missing)} took longer than {PIP_TIMEOUT:.0f} s"
         ) from None
     finally:
-        await anyio.to_thread.run_sync(os.unlink, constraints)
+        with anyio.CancelScope(shield=True):  # also when cancelled: no file left behind
+            await anyio.to_thread.run_sync(os.unlink, constraints)
         importlib.invalidate_caches()
 
 

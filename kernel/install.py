@@ -13,7 +13,8 @@ before the staged package is imported, and if the install fails after that, the
 distributions pip added are uninstalled again. Installs with dependencies are
 serialized per kernel, so that one install's snapshot never sees another's packages.
 A dry run installs nothing: it only resolves missing dependencies (when allowed), and
-does not import a package whose dependencies are missing, so its conflicts stay unknown.
+neither extracts nor imports a package whose dependencies are missing, so its
+conflicts stay unknown.
 
 Importing the staged package runs its module-level code (as enabling it would):
 plugin upload must only be offered to administrators.
@@ -22,6 +23,7 @@ plugin upload must only be offered to administrators.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -34,7 +36,13 @@ import anyio.to_thread
 import attrs
 import pluggy
 
-from kernel.archive import ArchiveLimits, extract_archive, inspect_archive, remove_staging
+from kernel.archive import (
+    ArchiveLimits,
+    ArchivePlan,
+    extract_archive,
+    inspect_archive,
+    remove_staging,
+)
 from kernel.calling import Contributions, check_hook_names, collect_contributions
 from kernel.deps import (
     DependencyStatus,
@@ -132,16 +140,13 @@ async def install_archive(
     existing = rec is not None or await anyio.to_thread.run_sync(os.path.lexists, target)
     await anyio.to_thread.run_sync(_check_name, name, rec, existing, overwrite)
 
-    staged = await anyio.to_thread.run_sync(extract_archive, plan, data, target.parent)
-    try:
-        async with _dependency_lock(kernel, manifest.dependencies):
-            if dry_run:
-                return await _dry_run(kernel, name, manifest, staged, rec, existing)
+    async with _dependency_lock(kernel, manifest.dependencies):
+        if dry_run:
+            return await _dry_run(kernel, plan, data, target.parent, rec, existing)
+        async with _staging(plan, data, target.parent) as staged:
             deps, preview, registry = await _install(
                 kernel, name, manifest, staged, target, rec, enable=enable, overwrite=overwrite
             )
-    finally:
-        await anyio.to_thread.run_sync(remove_staging, staged)
 
     info = kernel.plugins.info(name)
     active = info.enabled and info.state is PluginState.ACTIVE
@@ -187,15 +192,29 @@ async def _dependency_lock(kernel: Kernel, requirements: Iterable[str]) -> Async
         yield
 
 
+@contextlib.asynccontextmanager
+async def _staging(plan: ArchivePlan, data: bytes, parent: Path) -> AsyncIterator[Path]:
+    """The archive extracted into a fresh staging directory in `parent`; removed after,
+    also when the install is cancelled."""
+    staged = await anyio.to_thread.run_sync(extract_archive, plan, data, parent)
+    try:
+        yield staged
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_staging, staged)
+
+
 async def _dry_run(
     kernel: Kernel,
-    name: str,
-    manifest: PluginManifest,
-    staged: Path,
+    plan: ArchivePlan,
+    data: bytes,
+    parent: Path,
     rec: PluginRecord | None,
     existing: bool,
 ) -> InstallResult:
-    """Report what installing would do; install, write and register nothing."""
+    """Report what installing would do; install and register nothing, and write nothing
+    but the staging directory of a package it imports."""
+    name, manifest = plan.name, plan.manifest
     allowed = kernel.settings.allow_pip_install
     missing = await anyio.to_thread.run_sync(missing_requirements, manifest.dependencies)
     deps = DependencyStatus(tuple(manifest.dependencies), tuple(missing), allowed)
@@ -225,7 +244,8 @@ async def _dry_run(
             "installed, and a dry run installs nothing"
         )
         return attrs.evolve(result, dependencies=deps, conflicts_unknown=reason)
-    preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
+    async with _staging(plan, data, parent) as staged:
+        preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
     return attrs.evolve(result, conflicts=preview, registry_conflicts=registry)
 
 
@@ -253,30 +273,52 @@ async def _install(
         preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
         await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
         return deps, preview, registry
+    pip_args = kernel.config.pip_args
     before = await anyio.to_thread.run_sync(installed_distributions)
+    planned: frozenset[str] = frozenset()
     try:
         # Resolved first (nothing is installed unless all of them resolve), then
         # installed before the package is imported, since it may import them.
-        await install_requirements(missing, pip_args=kernel.config.pip_args)
+        would = await resolve_requirements(missing, pip_args=pip_args)
+        planned = frozenset(n.partition("==")[0] for n in would)
+        await install_requirements(missing, pip_args=pip_args, resolved=True)
         after = await anyio.to_thread.run_sync(installed_distributions)
         added, changed = changed_distributions(before, after)
         if changed:
             kernel.log.warning("installing %s for plugin %r changed %s", missing, name, changed)
-        deps = attrs.evolve(deps, installed=tuple(f"{n}=={v}" for n, v in sorted(added.items())))
+        ours = sorted((n, v) for n, v in added.items() if n in planned)
+        deps = attrs.evolve(deps, installed=tuple(f"{n}=={v}" for n, v in ours))
         preview, registry = await _staged_preview(kernel, name, manifest, staged, rec)
         await _put_in_place(kernel, name, staged, target, enable=enable, overwrite=overwrite)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await _take_back(kernel, name, before, exc)
+            await _take_back(kernel, name, before, planned, exc)
         raise
     return deps, preview, registry
 
 
-async def _take_back(kernel: Kernel, name: str, before: dict[str, str], exc: BaseException) -> None:
-    """Uninstall what pip added since `before`; say so (and what it could not undo) in
-    the message of `exc`, the error that failed the install."""
+async def _take_back(
+    kernel: Kernel,
+    name: str,
+    before: dict[str, str],
+    planned: frozenset[str],
+    exc: BaseException,
+) -> None:
+    """Uninstall what pip added since `before` of the distributions it `planned` to
+    install; say so (and what it could not undo) in the message of `exc`, the error that
+    failed the install."""
     after = await anyio.to_thread.run_sync(installed_distributions)
     added, changed = changed_distributions(before, after)
+    # Another process (`nekobot plugins install` next to a running bot) may have added a
+    # distribution meanwhile, for a plugin of its own: not this install's to take back.
+    others = sorted(n for n in added if n not in planned)
+    if others:
+        kernel.log.warning(
+            "failed install of plugin %r: left alone what pip did not install for it: %s",
+            name,
+            ", ".join(others),
+        )
+    added = {n: v for n, v in added.items() if n in planned}
     notes = []
     if added:
         listed = ", ".join(f"{n}=={v}" for n, v in sorted(added.items()))
@@ -529,13 +571,15 @@ def _swap_in(staged: Path, target: Path, replace: bool) -> Path | None:
             backup = staged.parent / "previous"
             os.rename(target, backup)
         try:
-            # Without `replace` this also fails if a non-empty directory appeared meanwhile.
             os.rename(staged, target)
         except BaseException:
             if backup is not None:
                 os.rename(backup, target)
             raise
     except OSError as exc:
+        if not replace and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            # A concurrent install moved its files in since `lexists` looked.
+            raise _exists(target.name, installed=False) from None
         raise InstallError(f"cannot move plugin into {target}: {exc.strerror or exc}") from None
     return backup
 

@@ -8,10 +8,12 @@ import importlib.metadata
 import io
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from kernel.deps import (
@@ -48,13 +50,15 @@ def make_wheel(directory: Path, name: str, version: str, code: str) -> Path:
     return wheel
 
 
-def _uninstall(name: str) -> None:
+def _uninstall(*names: str) -> None:
+    # One pip run for all of them: each run costs about half a second.
     subprocess.run(
-        [sys.executable, "-m", "pip", "uninstall", "-y", "-q", name],
+        [sys.executable, "-m", "pip", "uninstall", "-y", "-q", *names],
         capture_output=True,
         check=False,
     )
-    sys.modules.pop(name, None)
+    for name in names:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture
@@ -62,14 +66,7 @@ def wheelhouse(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "wheels"
     directory.mkdir()
     yield directory
-    for name in (
-        "nekotestdep_a",
-        "nekotestdep_b",
-        "nekotestdep_c",
-        "nekotestdep_d",
-        "nekotestdep_e",
-    ):
-        _uninstall(name)
+    _uninstall(*(f"nekotestdep_{x}" for x in "abcde"))
 
 
 def test_missing_requirements() -> None:
@@ -79,6 +76,9 @@ def test_missing_requirements() -> None:
         "surely-not-installed-nekobot-x"
     ]
     assert missing_requirements(['anyio<1; python_version < "3"']) == []
+    # Valid PEP 508, but the marker cannot be evaluated: a clear error, not a traceback.
+    with pytest.raises(InstallError, match="cannot evaluate its marker"):
+        missing_requirements(['anyio; python_version ~= "abc"'])
 
 
 async def test_installs_missing_requirement_from_given_index(wheelhouse: Path) -> None:
@@ -155,6 +155,23 @@ async def test_upload_installs_dependencies_only_when_allowed(
         result = await install_archive(k, _plugin_zip(["nekotestdep_b==2.0"]), enable=True)
         assert result.enabled
         assert await MockBot(k).receive("/depvalue") == ["from the wheel"]
+
+
+@pytest.mark.parametrize("resolve_only", [False, True])
+async def test_a_cancelled_pip_run_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resolve_only: bool
+) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    args = ["--no-index", "--find-links", str(tmp_path)]
+    with anyio.move_on_after(0.05) as cancelled:  # pip is still starting up
+        if resolve_only:
+            await resolve_requirements(["nekobot-surely-missing-x"], pip_args=args)
+        else:
+            await install_requirements(["nekobot-surely-missing-x"], pip_args=args)
+    assert cancelled.cancelled_caught
+    assert list(temp.iterdir()) == []
 
 
 def test_changed_distributions() -> None:
@@ -261,7 +278,8 @@ async def test_a_changed_version_is_reported_not_restored(
     # says so instead of trying to put the old version back.
     import kernel.install as install
 
-    snapshots = iter([{"x": "1.0", "y": "1.0"}, {"x": "2.0", "y": "1.0", "z": "0.1"}])
+    # "w" appeared too, but pip did not plan it: someone else's (another process's).
+    snapshots = iter([{"x": "1.0", "y": "1.0"}, {"x": "2.0", "y": "1.0", "z": "0.1", "w": "1.0"}])
     removed: list[list[str]] = []
 
     async def uninstall(names: list[str]) -> None:
@@ -271,7 +289,9 @@ async def test_a_changed_version_is_reported_not_restored(
     monkeypatch.setattr(install, "uninstall_distributions", uninstall)
     error = PluginLoadError("dd_changed", "cannot start")
     async with running_kernel(tmp_path / "data") as k:
-        await install._take_back(k, "dd_changed", next(snapshots), error)
+        await install._take_back(k, "dd_changed", next(snapshots), frozenset({"z"}), error)
+        warnings = [r.message for r in k.logging.buffer.records if r.level == "WARNING"]
+        assert any("left alone what pip did not install for it: w" in m for m in warnings)
     assert removed == [["z"]]
     assert error.message == (
         "cannot start; the dependencies pip installed for it were uninstalled again: "

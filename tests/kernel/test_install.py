@@ -379,6 +379,27 @@ async def test_concurrent_installs_of_one_name_do_not_overwrite_each_other(
         assert names(plugin_dir) == [name]
 
 
+def test_a_plugin_moved_in_just_before_the_rename_is_an_exists_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the test above races through: another install renamed its files into
+    place after this one's `lexists` looked, so the rename meets a non-empty directory."""
+    import kernel.install as install
+
+    staged = tmp_path / f"{STAGING_PREFIX}x" / "pkg"
+    staged.mkdir(parents=True)
+    (staged / "__init__.py").write_text("mine")
+    target = tmp_path / "plugins" / f"{PREFIX}late"
+    target.mkdir(parents=True)
+    (target / "__init__.py").write_text("theirs")
+    monkeypatch.setattr(install.os.path, "lexists", lambda path: False)
+    with pytest.raises(PluginExistsError, match="already exists"):
+        install._swap_in(staged, target, False)
+    monkeypatch.undo()
+    assert (target / "__init__.py").read_text() == "theirs"
+    assert (staged / "__init__.py").read_text() == "mine"
+
+
 @pytest.mark.anyio
 async def test_name_of_a_builtin_or_a_module_is_refused(tmp_path: Path, plugin_dir: Path) -> None:
     async with running_kernel(
@@ -446,6 +467,47 @@ async def test_dry_run_with_missing_dependencies_does_not_import_and_reports_the
         assert listing(plugin_dir) == []
         assert name not in kernel.plugins.records
         assert name not in sys.modules
+
+
+@pytest.mark.anyio
+async def test_dry_run_with_missing_dependencies_extracts_nothing(
+    tmp_path: Path, plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not imported, so not extracted either: no staging directory is written for it."""
+    import kernel.install as install
+
+    def extract(*args: object) -> Path:
+        raise AssertionError("a dry run that imports nothing must not extract the archive")
+
+    monkeypatch.setattr(install, "extract_archive", extract)
+    name = f"{PREFIX}deps_noextract"
+    data = archive(name, NEEDS_MISSING_DEP, manifest={"dependencies": ["nekobot-surely-gone>=2"]})
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        result = await install_archive(kernel, data, dry_run=True)
+        assert result.dependencies.missing == ("nekobot-surely-gone>=2",)
+        assert result.conflicts_unknown is not None
+
+
+SLOW_IMPORT = """
+import time
+
+time.sleep(0.3)  # in the import thread: the install is cancelled meanwhile
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_cancelled_install_removes_its_staging_directory(
+    tmp_path: Path, plugin_dir: Path, dry_run: bool
+) -> None:
+    name = f"{PREFIX}cancelled_{int(dry_run)}"
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
+        with anyio.move_on_after(0.1) as cancelled:
+            await install_archive(kernel, archive(name, SLOW_IMPORT), dry_run=dry_run)
+        assert cancelled.cancel_called  # while it was importing (a dry run may still finish)
+        assert listing(plugin_dir) == []
+        assert name not in kernel.plugins.records
+    purge_modules(name)
 
 
 @pytest.mark.anyio

@@ -432,6 +432,18 @@ async def test_dependencies_are_refused_while_pip_install_is_off(clean: ApiServe
     assert listing(api.plugin_dir) == []
 
 
+@pytest.mark.parametrize("dry_run", ["false", "true"])
+async def test_a_dependency_marker_that_cannot_be_evaluated_is_400(
+    clean: ApiServer, dry_run: str
+) -> None:
+    api = clean
+    data = plugin_zip(P, "", manifest={"dependencies": ['anyio; python_version ~= "abc"']})
+    async with api.authed() as c:
+        r = await upload(c, data, dry_run=dry_run)
+    assert_error(r, 400, "python_version", "cannot evaluate its marker")
+    assert listing(api.plugin_dir) == []
+
+
 NOT_TO_BE_IMPORTED = "import zzup_requests\nraise SystemExit('a dry run must not import this')\n"
 
 
