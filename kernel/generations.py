@@ -483,16 +483,25 @@ class GenerationOps:
 
 
 class Operation:
-    """Serializes operations on one plugin and marks it busy while one runs."""
+    """Serializes operations on one plugin and marks it busy while one runs.
+
+    Once begun, an operation runs to its end even if its caller is cancelled (its steps
+    are time-bounded): a reload cut short, e.g. in a call that another plugin's
+    retirement cancels, would leave the plugin with its gate closed and its generation
+    neither disposed nor restored. The caller's cancellation takes effect after it.
+    """
 
     def __init__(self, rec: PluginRecord) -> None:
         self.rec = rec
+        self._shield = anyio.CancelScope(shield=True)
 
     async def __aenter__(self) -> None:
         await self.rec.lock.acquire()
         self.rec.idle = anyio.Event()
+        self._shield.__enter__()
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._shield.__exit__(*exc_info)
         self.rec.idle.set()
         self.rec.lock.release()
 

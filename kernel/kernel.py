@@ -27,6 +27,7 @@ from kernel.config import KernelConfig
 from kernel.context import Services
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
+from kernel.lifecycle import detach_from_calls
 from kernel.loader import ModuleLoader
 from kernel.logs import KernelLogging
 from kernel.manager import PluginManager
@@ -269,6 +270,7 @@ class Kernel:
             self._tg.start_soon(self._deliver_event, calls)
 
     async def _deliver_event(self, calls: list[Call]) -> None:
+        detach_from_calls()  # the emitter's calls are not the handlers' own
         await call_each(
             calls, hook="nekobot_on_event", timeout=self.config.hook_timeout, log=self.log
         )

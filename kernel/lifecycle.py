@@ -33,6 +33,13 @@ class CallCancelledError(Exception):
 _CALLS: ContextVar[tuple[GateCall, ...]] = ContextVar("nekobot_gate_calls", default=())
 
 
+def detach_from_calls() -> None:
+    """The current task is not part of the gate calls of the task that started it (a
+    background task, an event delivery): a retirement waits for it, and may cancel it,
+    like any other call."""
+    _CALLS.set(())
+
+
 class GateCall:
     """One call inside a gate; the gate cancels `cancel_scope` if the call outlives the
     drain timeout of a retirement (then `cancelled` is True)."""
@@ -242,7 +249,7 @@ class Scope:
     async def _run_task(
         self, handle: TaskHandle, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
     ) -> None:
-        _CALLS.set(())  # not part of the call that may have started it
+        detach_from_calls()  # not part of the call that may have started it
         try:
             with handle.cancel_scope:
                 await func(*args)

@@ -601,6 +601,63 @@ async def test_a_command_reloading_its_own_plugin_is_not_cancelled(tmp_path: Pat
         assert not any("cancelled" in m for m in _messages(kernel, "ERROR"))
 
 
+RELOADER = """
+from kernel import CommandSpec, hookimpl
+
+async def reload_other(cmd):
+    await cmd.ctx.kernel.plugins.reload("lc_slow_stop")
+    return "reloaded"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("lc_reload_other", reload_other, timeout=3600)]
+"""
+
+SLOW_STOP = """
+from kernel import CommandSpec, hookimpl
+
+async def ping(cmd):
+    return "pong"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("lc_ping", ping)]
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    probe = ctx.services.get("lc_stop_probe")
+    probe["stopping"].set()
+    await probe["release"].wait()
+"""
+
+
+@pytest.mark.anyio
+async def test_an_operation_in_a_cancelled_call_still_completes(tmp_path: Path) -> None:
+    """A command of lc_reloader reloads lc_slow_stop; lc_reloader is disabled meanwhile
+    and its call, outliving the wait, is cancelled. The reload it was running must not
+    stop half-way (lc_slow_stop retired, its gate closed, nothing serving)."""
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "lc_reloader", RELOADER)
+    write_plugin(plugins, "lc_slow_stop", SLOW_STOP)
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1, hook_timeout=3600
+    ) as kernel:
+        probe = {"stopping": anyio.Event(), "release": anyio.Event()}
+        kernel.services.provide("tests", "lc_stop_probe", probe)
+        bot = MockBot(kernel)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bot.receive, "/lc_reload_other")
+                await probe["stopping"].wait()  # the reload is in lc_slow_stop's stop hook
+                await kernel.plugins.disable("lc_reloader")  # cancels the command's call
+                errors = _messages(kernel, "ERROR")
+                assert any("cancelled command 'lc_reloader:lc_reload_other'" in m for m in errors)
+                probe["release"].set()
+        assert state(kernel, "lc_slow_stop") is PluginState.ACTIVE
+        assert kernel.plugins.info("lc_slow_stop").reload_count == 1
+        assert await bot.receive("/lc_ping", chat_id="other") == ["pong"]
+
+
 CONTEXT_USER = """
 from kernel import hookimpl
 
@@ -641,3 +698,50 @@ async def test_the_context_works_during_disposal_and_refuses_after(tmp_path: Pat
         new_ctx = probe[2]
         assert isinstance(new_ctx, PluginContext) and new_ctx is not old_ctx
         assert new_ctx.kernel is kernel and new_ctx.services.get("probe") is probe
+
+
+EMITTER = """
+import anyio
+from kernel import CommandSpec, hookimpl
+
+async def slow(cmd):
+    await cmd.ctx.emit("zzlc.ping")
+    await anyio.sleep(0.3)
+    cmd.ctx.log.info("zzlc command done")
+    return "done"
+
+@hookimpl
+def nekobot_commands():
+    return [CommandSpec("zzlc_slow", slow)]
+"""
+
+EVENT_RELOADER = """
+from kernel import hookimpl
+
+@hookimpl
+async def nekobot_on_event(ctx, event):
+    if event.type == "zzlc.ping":
+        await ctx.kernel.plugins.reload("zzlc_emitter")
+        ctx.log.info("zzlc reloaded")
+"""
+
+
+@pytest.mark.anyio
+async def test_an_event_handler_is_not_inside_the_emitters_call(tmp_path: Path) -> None:
+    """A handler of an event that a command emitted, reloading that command's plugin,
+    waits for the command like any other retirement (it is not the command's own call)."""
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "zzlc_emitter", EMITTER)
+    write_plugin(plugins, "zzlc_reloader", EVENT_RELOADER)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+
+        def order() -> list[str]:
+            return [
+                r.message for r in kernel.logging.buffer.records if r.message.startswith("zzlc ")
+            ]
+
+        assert await MockBot(kernel).receive("/zzlc_slow") == ["done"]
+        with anyio.fail_after(5):
+            while len(order()) < 2:  # noqa: ASYNC110 (the handler runs apart)
+                await anyio.sleep(0.01)
+        assert order() == ["zzlc command done", "zzlc reloaded"]
