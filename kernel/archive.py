@@ -218,7 +218,7 @@ def _read_manifest(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> PluginManifest
     try:
         with zf.open(info) as src:
             raw = src.read(MAX_MANIFEST_BYTES + 1)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, ValueError) as exc:
         raise _fail(info.filename, f"cannot be read: {exc}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise _fail(info.filename, f"is larger than {_size(MAX_MANIFEST_BYTES)}")
@@ -406,7 +406,14 @@ def extract_archive(plan: ArchivePlan, data: bytes, dest_parent: Path) -> Path:
                         _make_dirs(target, member.parts)
                     else:
                         _write_member(zf, member, target, budget)
-                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, KeyError) as exc:
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    EOFError,
+                    RuntimeError,
+                    KeyError,
+                    ValueError,
+                ) as exc:
                     raise _fail(member.zip_name, f"is corrupt: {exc}") from None
                 except NotImplementedError as exc:
                     raise _fail(member.zip_name, f"cannot be extracted: {exc}") from None

@@ -476,3 +476,22 @@ def test_whatever_is_accepted_stays_inside_the_staging_directory(
     assert [p.name for p in dest.iterdir()] == [staged.parent.name]
     remove_staging(staged)
     assert list(dest.iterdir()) == []
+
+
+def test_corrupted_bytes_are_an_install_error_never_another_exception(tmp_path: Path) -> None:
+    """Each single-byte corruption of a valid plugin zip is refused with InstallError (or
+    a ManifestError), or passes: zipfile's ValueError ("negative seek value") and the
+    like never escape."""
+    data = make_zip(package((f"{NAME}/extra.py", b"x = 1\n" * 50)))
+    problems = 0
+    for i, mask in ((i, m) for i in range(len(data)) for m in (0x01, 0x80, 0xFF)):
+        broken = bytearray(data)
+        broken[i] ^= mask
+        try:
+            plan = inspect_archive(bytes(broken))
+            staged = extract_archive(plan, bytes(broken), tmp_path)
+        except (InstallError, ManifestError):
+            problems += 1
+            continue
+        remove_staging(staged)
+    assert problems  # the corruptions were noticed, not all passed
