@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from builtin_plugins.api import fanout
@@ -41,6 +42,17 @@ SERVICE = "ws.hub"
 RELAY_RETRY_SECONDS = 30.0
 
 log = logging.getLogger("nekobot.api.hub")
+
+
+def _dumps(message: Mapping[str, Any]) -> bytes:
+    """A published message as UTF-8 JSON: orjson (an order of magnitude faster than
+    `json`, and this runs for every log record while anyone listens), or `encode` for
+    what orjson refuses (lone surrogates, integers beyond 64 bits, keys that are not
+    strings)."""
+    try:
+        return orjson.dumps(message, default=str)
+    except (orjson.JSONEncodeError, TypeError):
+        return encode(message).encode()
 
 
 class Hub:
@@ -84,19 +96,19 @@ class Hub:
         if not self.fanout.subscribers and (relay is None or not relay.conns):
             return  # a subscriber only gets what is published after it subscribed
         # Encoded here, in the caller's thread: `data` may change once this returns.
-        text = encode({"type": "message", "channel": channel, "data": data})
+        payload = _dumps({"type": "message", "channel": channel, "data": data})
         if threading.get_ident() == self._loop_thread:
-            self._append(channel, text)
+            self._append(channel, payload)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
-            self.loop.call_soon_threadsafe(self._append, channel, text)
+            self.loop.call_soon_threadsafe(self._append, channel, payload)
 
-    def _append(self, channel: str, text: str) -> None:
+    def _append(self, channel: str, payload: bytes) -> None:
         if self.fanout.subscribers:
-            self.fanout.append(channel, text)
+            self.fanout.append(channel, payload.decode())
         relay = self._relay
         if relay is not None and relay.conns:
-            relay.publish(channel, text)
+            relay.publish(channel, payload)
 
     def wake(self) -> None:
         """Wake the writers once per loop iteration, however much was published in it."""

@@ -71,7 +71,7 @@ class RelayLink:
         self._sock: socket.socket | None = None
         self._process: anyio.abc.Process | None = None
         self._next_id = 0
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._gather: Any = None
         self._queue: deque[list[Any]] = deque()  # [memoryview, fds]
         self._queued = 0
@@ -326,8 +326,8 @@ class RelayLink:
 
     # -- writing -------------------------------------------------------------------------
 
-    def publish(self, channel: str, text: str) -> None:
-        """Forward one encoded message (loop thread; never blocks)."""
+    def publish(self, channel: str, payload: bytes) -> None:
+        """Forward one encoded message (UTF-8 JSON; loop thread; never blocks)."""
         if not self.alive:
             return
         if self._queued > MAX_BACKLOG:
@@ -335,20 +335,21 @@ class RelayLink:
             self._skipped[channel] = self._skipped.get(channel, 0) + 1
             return
         if self._skipped:  # subscribers hear what they missed, where they missed it
-            self._lines.append(f"c\t{encode({'op': 'skipped', 'counts': self._skipped})}\n")
+            notice = {"op": "skipped", "counts": self._skipped}
+            self._lines.append(b"c\t" + encode(notice).encode() + b"\n")
             self._skipped = {}
         if "\t" in channel or "\n" in channel:
-            op = {"op": "publish", "channel": channel, "text": text}
-            self._lines.append(f"c\t{encode(op)}\n")
+            op = {"op": "publish", "channel": channel, "text": payload.decode()}
+            self._lines.append(b"c\t" + encode(op).encode() + b"\n")
         else:
-            self._lines.append(f"m\t{channel}\t{text}\n")
+            self._lines.append(b"m\t" + channel.encode() + b"\t" + payload + b"\n")
         if self._gather is None:
             self._gather = self._loop.call_later(GATHER_SECONDS, self._flush_lines)
 
     def _flush_lines(self) -> None:
         self._gather = None
         if self._lines:
-            data = "".join(self._lines).encode()
+            data = b"".join(self._lines)
             self._lines.clear()
             self._enqueue(data, [])
 
