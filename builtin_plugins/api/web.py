@@ -277,6 +277,8 @@ def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def check_query(request: Request, allowed: tuple[str, ...]) -> None:
     """400 naming the first query parameter the endpoint does not know."""
+    if not request.scope.get("query_string"):
+        return  # most requests: no parameters to parse
     for key in request.query_params:
         if key not in allowed:
             raise ApiError(400, f"unknown query parameter {key!r}", "unknown_field", {"field": key})
@@ -285,6 +287,8 @@ def check_query(request: Request, allowed: tuple[str, ...]) -> None:
 def query_value(request: Request, name: str, default: str | None = None) -> str | None:
     """A query parameter (the last if repeated), or `default`. (Faster than
     `query_params.get`, which raises and catches a KeyError for each missing name.)"""
+    if not request.scope.get("query_string"):
+        return default
     params = request.query_params
     return params[name] if name in params else default  # noqa: SIM401 (see above)
 
@@ -335,10 +339,12 @@ def paginate(
     default_sort: str,
     default_order: str = "asc",
     sort_keys: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None,
+    sorted_by: str | None = None,
 ) -> dict[str, Any]:
     """Sort and slice `items` by the `page`, `page_size`, `sort_by`, `order` parameters.
 
-    `sort_keys` gives a field its own ordering (e.g. log levels by severity).
+    `sort_keys` gives a field its own ordering (e.g. log levels by severity);
+    `sorted_by` names the field `items` come sorted by already (ascending).
     """
     page = int_param(request, "page", 1)
     page_size = int_param(request, "page_size", 20, maximum=100)
@@ -354,11 +360,14 @@ def paginate(
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be 'asc' or 'desc'", "invalid_field", {"field": "order"})
     custom = (sort_keys or {}).get(sort_by)
-    ordered = sorted(
-        items,
-        key=custom if custom is not None else lambda item: _sort_key(item.get(sort_by)),
-        reverse=order == "desc",
-    )
+    if sort_by == sorted_by and order == "asc" and custom is None:
+        ordered = items
+    else:
+        ordered = sorted(
+            items,
+            key=custom if custom is not None else lambda item: _sort_key(item.get(sort_by)),
+            reverse=order == "desc",
+        )
     start = (page - 1) * page_size
     return {
         "items": ordered[start : start + page_size],

@@ -59,7 +59,9 @@ async def list_plugins(request: Request) -> JSONResponse:
                     {"field": field},
                 )
             items = [i for i in items if i[field] == wanted]
-    return success(paginate(request, items, sort_fields=_SORT_FIELDS, default_sort="name"))
+    # The manager lists plugins by name already.
+    page = paginate(request, items, sort_fields=_SORT_FIELDS, default_sort="name", sorted_by="name")
+    return success(page)
 
 
 #: `plugin_json` of the `PluginInfo` snapshots served last, by identity: the manager
