@@ -27,6 +27,26 @@ async def _existing(dirs: list[Path]) -> list[Path]:
     return [d for d in dirs if await anyio.Path(d).is_dir()]
 
 
+Snapshot = dict[Path, int]
+
+
+def _snapshot(root: Path) -> Snapshot:
+    """Every file under `root` with its modification time (blocking: call it from a
+    worker thread)."""
+    out: Snapshot = {}
+    for path in root.rglob("*"):
+        try:
+            out[path] = path.stat().st_mtime_ns
+        except OSError:  # removed meanwhile
+            continue
+    return out
+
+
+def _differences(before: Snapshot, after: Snapshot) -> list[Path]:
+    """Files added, removed or modified between two snapshots."""
+    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
 class HotReloader:
     """Watches one kernel's plugin directories (debounced) while it runs."""
 
@@ -53,10 +73,13 @@ class HotReloader:
     async def _watch(self, dirs: list[Path]) -> None:
         try:
             present = await _existing(dirs)
+            # Roots loaded anew, and what they held then: an edit made before their new
+            # watch exists would be missed, so the first look after it compares.
+            catch_up: dict[Path, Snapshot] = {}
             while not self._stop.is_set():
                 touched: set[Path] = set()
                 if present:
-                    touched = await self._watch_until_a_root_changes(dirs, present)
+                    touched = await self._watch_until_a_root_changes(dirs, present, catch_up)
                 else:
                     self._ready.set()
                     with anyio.move_on_after(_ROOT_POLL_MS / 1000):
@@ -68,6 +91,7 @@ class HotReloader:
                     )
                 # A root that came back (or was replaced) is watched anew: load what is in it.
                 for back in sorted((set(now) - set(present)) | (touched & set(now))):
+                    catch_up[back] = await anyio.to_thread.run_sync(_snapshot, back)
                     children = [Path(p) async for p in anyio.Path(back).iterdir()]
                     await self._apply(dirs, children)
                 present = now
@@ -77,14 +101,19 @@ class HotReloader:
             self._ready.set()
             self._done.set()
 
-    async def _watch_until_a_root_changes(self, dirs: list[Path], present: list[Path]) -> set[Path]:
+    async def _watch_until_a_root_changes(
+        self, dirs: list[Path], present: list[Path], catch_up: dict[Path, Snapshot]
+    ) -> set[Path]:
         """Apply changes until stopped or until a plugin directory itself was removed,
         replaced or (while one is missing) came back; return the roots that changed.
 
         A watch follows a directory, not its path: a root that is deleted (or
-        replaced) is not watched any more, so the watch is restarted.
+        replaced) is not watched any more, so the watch is restarted. Once the new
+        watch exists, what changed in `catch_up`'s roots since their snapshot is applied
+        (and `catch_up` emptied).
         """
         missing = len(present) < len(dirs)
+        wake = missing or bool(catch_up)
         # Set now: the watcher exists once the loop first awaits (an edit made as soon as
         # `start` returns is seen).
         self._ready.set()
@@ -95,11 +124,16 @@ class HotReloader:
             stop_event=self._stop,
             watch_filter=watchfiles.DefaultFilter(),
             recursive=True,
-            # While a root is missing, wake up now and then to look for it.
-            rust_timeout=_ROOT_POLL_MS if missing else None,
-            yield_on_timeout=missing,
+            # While a root is missing, wake up now and then to look for it (and once,
+            # soon, to catch up).
+            rust_timeout=_ROOT_POLL_MS if wake else None,
+            yield_on_timeout=wake,
         ):
             paths = [Path(p) for _, p in changes]
+            for root, before in list(catch_up.items()):
+                del catch_up[root]
+                if root in present:
+                    paths += _differences(before, await anyio.to_thread.run_sync(_snapshot, root))
             await self._apply(dirs, paths)
             touched = {p for p in paths if p in present}
             if touched or await _existing(dirs) != present:

@@ -726,3 +726,45 @@ async def test_a_key_claimed_while_the_new_generation_starts_is_not_taken_back(
         info = kernel.plugins.info("rl_swap")
         assert (info.state, info.routes) == (PluginState.FAILED, ())
         assert (await http_get(kernel, "/rl/swap"))[0] == 404
+
+
+@pytest.mark.anyio
+async def test_an_edit_before_a_returned_root_is_watched_again_is_not_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory comes back; its plugin is loaded; an edit lands before the new
+    watch exists (the gap forced here): the first look after the watch starts sees it."""
+    from kernel.reload import HotReloader
+
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "rl_gap_a", hot_code("a", command="rl_gap_a"))
+    original = HotReloader._apply
+    edited: list[bool] = []
+
+    async def apply_then_edit(self: HotReloader, dirs: list[Path], paths: object) -> None:
+        await original(self, dirs, paths)  # type: ignore[arg-type]
+        target = plugins / "rl_gap_c" / "__init__.py"
+        if target.exists() and not edited:
+            edited.append(True)
+            replace_file(target, hot_code("c2", command="rl_gap_c"))
+
+    monkeypatch.setattr(HotReloader, "_apply", apply_then_edit)
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        bot = MockBot(kernel)
+        shutil.rmtree(plugins)
+        assert await eventually(lambda: _forgotten(kernel, "rl_gap_a"))
+        staged = tmp_path / "staged_plugins"
+        write_plugin(staged, "rl_gap_c", hot_code("c1", command="rl_gap_c"))
+        os.replace(staged, plugins)
+
+        async def answers_c2() -> bool:
+            return await bot.receive("/rl_gap_c") == ["c2"]
+
+        assert await eventually(answers_c2)
+        assert edited
+
+
+async def _forgotten(kernel: Kernel, name: str) -> bool:
+    return name not in kernel.plugins.records
