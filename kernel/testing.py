@@ -108,6 +108,44 @@ async def running_kernel(
         yield kernel
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(app: Any, *, handoff: bool = True, **overrides: Any) -> AsyncIterator[int]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port (the settings of `nekobot run`,
+    quiet, no lifespan) until the block ends; yields the port. `handoff=False` serves
+    WebSockets with uvicorn's own protocol (the `/ws` hub then serves in-process).
+    `overrides` are set on the uvicorn `Config`."""
+    import anyio
+    import uvicorn
+
+    from kernel.server import uvicorn_config
+
+    port = free_port()
+    config = uvicorn_config(app, "127.0.0.1", port, log_level="warning", lifespan="off")
+    if not handoff:
+        config.ws = "websockets-sansio"
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
+                await anyio.sleep(0.01)
+        try:
+            yield port
+        finally:
+            server.should_exit = True
+
+
 class AsPrincipal:
     """Wrap an ASGI app so every request counts as authenticated (for testing private
     plugin routes without the auth plugin)::

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import anyio
 import attrs
 import httpx
 import pytest
-import uvicorn
 
 from kernel import Kernel, KernelConfig
-from kernel.server import uvicorn_config
+from kernel.testing import serving
 
 
 @attrs.define
@@ -40,31 +37,6 @@ class ApiServer:
         return self.client(headers=self.headers)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def serve(
-    kernel: Kernel, port: int, *, handoff: bool = True
-) -> AsyncIterator[uvicorn.Server]:
-    """Serve `kernel` as `nekobot run` does (`handoff=False`: with uvicorn's own WebSocket
-    protocol, so that the hub serves `/ws` connections in-process)."""
-    config = uvicorn_config(kernel.asgi_app, "127.0.0.1", port, log_level="warning", lifespan="off")
-    if not handoff:
-        config.ws = "websockets-sansio"
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
-                await anyio.sleep(0.01)
-        yield server
-        server.should_exit = True
-
-
 @asynccontextmanager
 async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[ApiServer]:
     """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>."""
@@ -78,11 +50,10 @@ async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[A
         watchdog=False,
     )
     async with Kernel(config) as kernel:
-        port = free_port()
         # The admin token straight from the auth service: a login over HTTP costs two
         # scrypt runs (~0.1 s) per test; the tests of login itself log in themselves.
         token, _ = kernel.services.get("auth").issue("nekobot")
-        async for _ in serve(kernel, port, handoff=handoff):
+        async with serving(kernel.asgi_app, handoff=handoff) as port:
             yield ApiServer(kernel, f"http://127.0.0.1:{port}", token, plugin_dir)
 
 

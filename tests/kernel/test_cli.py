@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from kernel.cli import build_parser, config_from, main
+from kernel.testing import free_port
 from kernel.version import __version__
 from tests.kernel.test_archive import make_zip
 from tests.kernel.test_install import archive, code
@@ -274,12 +274,6 @@ def test_default_directories_and_the_data_dir_variable(
 
 
 # ------------------------------------------------------------------ nekobot run
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_run_serves_until_interrupted(tmp_path: Path) -> None:

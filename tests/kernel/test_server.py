@@ -6,42 +6,17 @@ import base64
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-import uvicorn
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
-from kernel.server import WEBSOCKET_HANDOFF, uvicorn_config
+from kernel.server import WEBSOCKET_HANDOFF
+from kernel.testing import serving
 
 pytestmark = pytest.mark.anyio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@asynccontextmanager
-async def serving(app: Any, **overrides: Any) -> AsyncIterator[int]:
-    port = free_port()
-    config = uvicorn_config(app, "127.0.0.1", port, log_level="warning", lifespan="off")
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
-                await anyio.sleep(0.01)
-        yield port
-        server.should_exit = True
 
 
 def upgrade_request(path: str = "/ws?x=1") -> bytes:
@@ -135,7 +110,7 @@ async def test_plain_uvicorn_protocols_offer_no_handoff() -> None:
         seen.append(WEBSOCKET_HANDOFF in scope.get("extensions", {}))
         await send({"type": "websocket.close", "code": 1000})
 
-    async with serving(app, ws="websockets-sansio") as port:
+    async with serving(app, handoff=False) as port:
         client = socket.create_connection(("127.0.0.1", port))
         with client:
             client.settimeout(5)

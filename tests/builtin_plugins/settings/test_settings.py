@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from kernel import Kernel, KernelConfig
-from kernel.testing import MockBot
-from tests.builtin_plugins.conftest import ApiServer, free_port, serve
+from kernel.testing import MockBot, serving
+from tests.builtin_plugins.conftest import ApiServer
 
 pytestmark = pytest.mark.anyio
 
@@ -33,13 +33,14 @@ def assert_error(r: httpx.Response, status: int, field: str | None = None) -> No
 async def server_on(data_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     """A kernel on `data_dir` served on a free port, and an authenticated client."""
     config = KernelConfig(data_dir=data_dir, entry_points=False, hot_reload=False, watchdog=False)
-    async with Kernel(config) as kernel:
-        port = free_port()
-        async for _ in serve(kernel, port):
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-                r = await c.post("/api/login", json={"username": "nekobot", "password": "nekobot"})
-                c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
-                yield c
+    async with (
+        Kernel(config) as kernel,
+        serving(kernel.asgi_app) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c,
+    ):
+        r = await c.post("/api/login", json={"username": "nekobot", "password": "nekobot"})
+        c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        yield c
 
 
 BAD_BOT_CONFIG: list[tuple[dict[str, Any], str]] = [
