@@ -51,6 +51,7 @@ from kernel.plugin_config import validate_config
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
+    from kernel.registry import OwnedRegistry
 
 STATE_SECTION = "plugins"
 CONFIG_SECTION = "plugin_config"
@@ -265,13 +266,8 @@ class GenerationOps:
         return tuple(sorted(c.name for c in callers))
 
     def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
-        k = self.kernel
-        k.routes.check(name, _route_items(c), replacing=replacing)
-        k.middleware.check(name, c.middleware, replacing=replacing)
-        k.channels.check(name, c.channels, replacing=replacing)
-        k.platform_types.check(name, c.platform_types, replacing=replacing)
-        k.provider_types.check(name, c.provider_types, replacing=replacing)
-        k.mcp_servers.check(name, c.mcp_servers, replacing=replacing)
+        for registry, items in registry_items(self.kernel, c):
+            registry.check(name, items, replacing=replacing)
 
     def _commit_registries(self, rec: PluginRecord, gen: Generation, *, replacing: bool) -> None:
         k, c, name = self.kernel, gen.contributions, rec.name
@@ -279,15 +275,8 @@ class GenerationOps:
             k.commands.replace_owner(name, gen.commands)
         else:
             k.commands.add(name, gen.commands)
-        for registry, items in (
-            (k.routes, _route_items(c)),
-            (k.middleware, c.middleware),
-            (k.channels, c.channels),
-            (k.platform_types, c.platform_types),
-            (k.provider_types, c.provider_types),
-            (k.mcp_servers, c.mcp_servers),
-        ):
-            registry.replace_owner(name, items, gen)  # type: ignore[arg-type]
+        for registry, items in registry_items(k, c):
+            registry.replace_owner(name, items, gen)
         top = rec.candidate.module.partition(".")[0]
         self.module_owners[rec.candidate.module if top == "builtin_plugins" else top] = name
         k.asgi_app.rebuild()
@@ -517,6 +506,18 @@ def _registrable(pm: pluggy.PluginManager, module: ModuleType) -> ModuleType:
     copy = ModuleType(module.__name__)
     copy.__dict__.update(vars(module))
     return copy
+
+
+def registry_items(kernel: Kernel, c: Contributions) -> list[tuple[OwnedRegistry[Any, Any], Any]]:
+    """Each owned registry of the kernel, with what `c` would register in it."""
+    return [
+        (kernel.routes, _route_items(c)),
+        (kernel.middleware, c.middleware),
+        (kernel.channels, c.channels),
+        (kernel.platform_types, c.platform_types),
+        (kernel.provider_types, c.provider_types),
+        (kernel.mcp_servers, c.mcp_servers),
+    ]
 
 
 def _route_items(c: Contributions) -> list[tuple[tuple[str, str], Any]]:

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -53,8 +53,14 @@ from kernel.deps import (
     resolve_requirements,
     uninstall_distributions,
 )
-from kernel.errors import InstallError, NekoError, PluginExistsError, PluginLoadError
-from kernel.generations import STATE_SECTION
+from kernel.errors import (
+    ContributionError,
+    InstallError,
+    NekoError,
+    PluginExistsError,
+    PluginLoadError,
+)
+from kernel.generations import STATE_SECTION, registry_items
 from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import PluginCandidate, shadows_module
 from kernel.manifest import check_compatible
@@ -421,31 +427,13 @@ def _registry_conflicts(
     A key declared twice by the plugin itself is a load error, as on enable. The plugin's
     own current entries (an overwrite) are no conflict: a reload replaces them.
     """
-    routes = [
-        ((r.path, m.upper()), f"{m.upper()} {r.path}")
-        for r in c.routes
-        for m in (("WS",) if r.websocket else r.methods)
-    ]
-    keyed: list[tuple[Any, list[tuple[Any, str]]]] = [
-        (kernel.routes, routes),
-        (kernel.channels, [(x.name, x.name) for x in c.channels]),
-        (kernel.middleware, [(x.name, x.name) for x in c.middleware]),
-        (kernel.platform_types, [(x.name, x.name) for x in c.platform_types]),
-        (kernel.provider_types, [(x.name, x.name) for x in c.provider_types]),
-        (kernel.mcp_servers, [(x.name, x.name) for x in c.mcp_servers]),
-    ]
     out = []
-    for registry, items in keyed:
-        seen = set()
-        for key, label in items:
-            if key in seen:
-                raise PluginLoadError(
-                    name, f"plugin {name!r} declares {registry.kind} {label!r} more than once"
-                )
-            seen.add(key)
-            entry = registry.get(key)
-            if entry is not None and entry.owner != name:
-                out.append(RegistryConflict(registry.kind, label, entry.owner))
+    for registry, items in registry_items(kernel, c):
+        try:
+            clashes = registry.clashes(name, items, replacing=True)
+        except ContributionError as exc:
+            raise PluginLoadError(name, str(exc)) from None
+        out += [RegistryConflict(registry.kind, registry.label(k), e.owner) for k, e in clashes]
     return tuple(out)
 
 

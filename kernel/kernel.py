@@ -70,7 +70,9 @@ class Kernel:
         self.loader = ModuleLoader()
         self.services = Services()
         self.commands = CommandRegistry()
-        self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry("route", lambda t: t[0])
+        self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry(
+            "route", lambda t: t[0], label=lambda key: f"{key[1]} {key[0]}"
+        )
         self.middleware: OwnedRegistry[str, MiddlewareSpec] = OwnedRegistry(
             "middleware", lambda m: m.name
         )

@@ -29,9 +29,11 @@ class Entry(Generic[V]):
 class OwnedRegistry(Generic[K, V]):
     """A registry in which a key has exactly one owner; a second claim is a conflict."""
 
-    def __init__(self, kind: str, key: Callable[[V], K]) -> None:
+    def __init__(self, kind: str, key: Callable[[V], K], label: Callable[[K], str] = str) -> None:
         self.kind = kind
         self._key = key
+        #: How a key reads in messages (a route's key `(path, method)`: `METHOD path`).
+        self.label = label
         self._entries: dict[K, Entry[V]] = {}
         self.version = 0
 
@@ -49,22 +51,35 @@ class OwnedRegistry(Generic[K, V]):
         """The entries of one owner."""
         return [e for e in self._entries.values() if e.owner == owner]
 
+    def clashes(
+        self, owner: str, items: Iterable[V], *, replacing: bool = False
+    ) -> list[tuple[K, Entry[V]]]:
+        """The keys of `items` already taken, with the entries that hold them; raises
+        ContributionError if `items` repeat a key.
+
+        With `replacing`, the owner's current entries are no clash (a reload).
+        """
+        seen: set[K] = set()
+        out = []
+        for item in items:
+            key = self._key(item)
+            if key in seen:
+                raise ContributionError(
+                    f"plugin {owner!r} declares {self.kind} {self.label(key)!r} more than once"
+                )
+            seen.add(key)
+            entry = self._entries.get(key)
+            if entry is not None and (entry.owner != owner or not replacing):
+                out.append((key, entry))
+        return out
+
     def check(self, owner: str, items: Iterable[V], *, replacing: bool = False) -> None:
         """Raise if `items` clash among themselves or with another owner's entries.
 
         With `replacing`, the owner's current entries are ignored (a reload).
         """
-        seen: set[K] = set()
-        for item in items:
-            key = self._key(item)
-            if key in seen:
-                raise ContributionError(
-                    f"plugin {owner!r} declares {self.kind} {key!r} more than once"
-                )
-            seen.add(key)
-            entry = self._entries.get(key)
-            if entry is not None and (entry.owner != owner or not replacing):
-                raise ConflictError(self.kind, str(key), entry.owner, owner)
+        for key, entry in self.clashes(owner, items, replacing=replacing):
+            raise ConflictError(self.kind, self.label(key), entry.owner, owner)
 
     def add(self, owner: str, items: Iterable[V], generation: object = None) -> None:
         """Register `items` for `owner` (call `check` first)."""

@@ -199,7 +199,8 @@ async def test_two_plugins_claiming_one_route_conflict(tmp_path: Path) -> None:
         assert kernel.plugins.info("asgi_one").state is PluginState.ACTIVE
         info = kernel.plugins.info("asgi_two")
         assert info.state is PluginState.FAILED
-        assert info.error is not None and "already registered by plugin 'asgi_one'" in info.error
+        assert info.error is not None
+        assert "route 'GET /asgi/shared' is already registered by plugin 'asgi_one'" in info.error
         assert (await client.get("/asgi/shared")).text == "asgi_one"
 
         with pytest.raises(PluginLoadError) as caught:
