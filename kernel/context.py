@@ -115,7 +115,7 @@ class PluginContext:
     def store(self) -> PluginStore:
         """The plugin's key/value store and namespaced tables (kept across reloads)."""
         self._check_live("store")
-        return self._kernel.storage.plugin_store(self.name)
+        return self._kernel.storage.plugin_store(self.name, lambda: self._check_live("store"))
 
     @property
     def data_dir(self) -> Path:

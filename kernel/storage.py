@@ -389,9 +389,10 @@ class Storage:
 
     # ---------------------------------------------------------------- plugins
 
-    def plugin_store(self, plugin: str) -> PluginStore:
-        """Return the storage namespace of ``plugin`` (the name is validated)."""
-        return PluginStore(self, plugin)
+    def plugin_store(self, plugin: str, check: Callable[[], None] | None = None) -> PluginStore:
+        """Return the storage namespace of ``plugin`` (the name is validated); ``check``
+        runs before each of its operations (and raises to refuse it)."""
+        return PluginStore(self, plugin, check)
 
     async def drop_plugin_data(self, plugin: str) -> None:
         """Delete everything ``plugin`` stored: kv rows, schema version, tables and views."""
@@ -422,9 +423,20 @@ class Storage:
 class PluginStore:
     """The storage namespace of one plugin: JSON key/value pairs and ``p_<plugin>__*`` tables."""
 
-    def __init__(self, storage: Storage, plugin: str) -> None:
-        self._storage = storage
+    def __init__(
+        self, storage: Storage, plugin: str, check: Callable[[], None] | None = None
+    ) -> None:
+        self._storage_ = storage
         self._plugin = validate_plugin_name(plugin)
+        self._check = check
+
+    @property
+    def _storage(self) -> Storage:
+        # A store kept by a plugin's code outlives nothing: once the plugin is disposed,
+        # `check` refuses (the same check as `ctx.store`).
+        if self._check is not None:
+            self._check()
+        return self._storage_
 
     @property
     def plugin(self) -> str:

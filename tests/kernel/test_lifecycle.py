@@ -665,11 +665,14 @@ from kernel import hookimpl
 async def nekobot_plugin_start(ctx):
     seen = ctx.services.get("probe")
     seen.append(ctx)
+    kept = ctx.store  # a store object the plugin keeps
 
     async def on_dispose():
-        # Disposal is not over yet: the context still works for clean-up.
-        await ctx.store.kv_set("bye", True)
-        seen.append((ctx.data_dir.name, ctx.services.get("probe") is seen, ctx.kernel.id))
+        # Disposal is not over yet: the context (and a kept store) still work for clean-up.
+        await kept.kv_set("bye", True)
+        seen.append(
+            (ctx.data_dir.name, ctx.services.get("probe") is seen, ctx.kernel.id, kept)
+        )
 
     ctx.on_dispose(on_dispose)
 """
@@ -688,12 +691,15 @@ async def test_the_context_works_during_disposal_and_refuses_after(tmp_path: Pat
         await kernel.plugins.enable("lc_ctx_user")
         old_ctx, during = probe[0], probe[1]
         assert isinstance(old_ctx, PluginContext)
-        assert during == ("lc_ctx_user", True, kernel.id)
+        assert during[:3] == ("lc_ctx_user", True, kernel.id)
         assert await kernel.storage.plugin_store("lc_ctx_user").kv_get("bye") is True
         assert old_ctx.scope.disposed
         for attribute in ("store", "data_dir", "services", "kernel", "http"):
             with pytest.raises(DisposedError, match="lc_ctx_user"):
                 getattr(old_ctx, attribute)
+        # A store object kept from the old generation refuses too.
+        with pytest.raises(DisposedError, match="lc_ctx_user"):
+            await during[3].kv_get("bye")
         # The current generation's context is unaffected.
         new_ctx = probe[2]
         assert isinstance(new_ctx, PluginContext) and new_ctx is not old_ctx
