@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
@@ -73,6 +74,26 @@ class DependencyStatus:
     installed: tuple[str, ...] = ()
     #: Why installing the missing ones would fail (setting off, pip cannot resolve).
     problem: str | None = None
+
+
+async def run_pip(command: Sequence[str]) -> tuple[int, str]:
+    """Run pip; its exit code and its output (stdout and stderr together).
+
+    The output goes to a temporary file, not to pipes: a run cancelled midway (its
+    process is killed) would leave pipe transports behind for the garbage collector.
+    """
+    out = await anyio.to_thread.run_sync(tempfile.TemporaryFile)
+    try:
+        result = await anyio.run_process(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+
+        def read() -> bytes:
+            out.seek(0)
+            return out.read()
+
+        data = await anyio.to_thread.run_sync(read)
+    finally:
+        out.close()
+    return result.returncode, data.decode("utf-8", "replace")
 
 
 def installed_distributions() -> dict[str, str]:
@@ -193,9 +214,8 @@ async def _pip_install(
     try:
         for step in steps:
             with anyio.fail_after(PIP_TIMEOUT):
-                result = await anyio.run_process([*base, *step, *missing], check=False)
-            output = (result.stdout + result.stderr).decode("utf-8", "replace")
-            if result.returncode != 0:
+                returncode, output = await run_pip([*base, *step, *missing])
+            if returncode != 0:
                 raise InstallError(
                     f"installing dependencies failed for {_culprit(missing, output)}: "
                     f"{_last_error(output)}"
@@ -253,7 +273,7 @@ async def uninstall_distributions(names: Collection[str]) -> None:
     ]
     try:
         with anyio.fail_after(PIP_TIMEOUT):
-            result = await anyio.run_process(command, check=False)
+            returncode, output = await run_pip(command)
     except TimeoutError:
         raise InstallError(
             f"uninstalling {', '.join(sorted(names))} took longer than {PIP_TIMEOUT:.0f} s"
@@ -261,6 +281,5 @@ async def uninstall_distributions(names: Collection[str]) -> None:
     finally:
         importlib.invalidate_caches()
     _forget_modules(files)
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).decode("utf-8", "replace")
+    if returncode != 0:
         raise InstallError(f"uninstalling {', '.join(sorted(names))} failed: {_last_error(output)}")
