@@ -42,7 +42,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from benchmarks import machine_note, verdict
-from benchmarks.startup import cpu_seconds, free_port
+from benchmarks.startup import cpu_seconds
+from kernel.testing import free_port
 
 TARGET_RATIO = 0.70
 PATH = "/api/plugins"

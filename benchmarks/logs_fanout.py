@@ -286,7 +286,7 @@ class KernelServer(Server):
     def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         import subprocess
 
-        from benchmarks.startup import free_port
+        from kernel.testing import free_port
 
         data_dir = root / "data"
         write_plugin(root / "plugins")

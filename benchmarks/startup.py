@@ -32,6 +32,7 @@ from pathlib import Path
 import attrs
 
 from benchmarks import machine_note, median, verdict
+from kernel.testing import free_port
 
 TARGET_START_S = 0.5
 TARGET_RSS_MIB = 60.0
@@ -45,14 +46,6 @@ def server_command() -> list[str]:
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
     return [sys.executable, "-m", "kernel"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 _REQUEST = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"

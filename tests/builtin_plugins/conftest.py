@@ -10,6 +10,7 @@ import attrs
 import httpx
 import pytest
 
+from builtin_plugins.api.hub import Hub
 from kernel import Kernel, KernelConfig
 from kernel.testing import serving
 
@@ -35,6 +36,17 @@ class ApiServer:
     def authed(self) -> httpx.AsyncClient:
         """A client that sends the admin token."""
         return self.client(headers=self.headers)
+
+    def ws_url(self, query: str = "") -> str:
+        """The URL of the `/ws` hub (`query`: e.g. `?token=...`)."""
+        return self.base_url.replace("http://", "ws://") + "/ws" + query
+
+    @property
+    def hub(self) -> Hub:
+        """The `/ws` hub the `api` plugin provides."""
+        hub = self.kernel.services.get("ws.hub")
+        assert isinstance(hub, Hub)
+        return hub
 
 
 @asynccontextmanager

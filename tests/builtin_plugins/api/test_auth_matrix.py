@@ -143,10 +143,6 @@ async def test_public_routes_need_no_token(api: ApiServer) -> None:
 # -- WebSocket -------------------------------------------------------------------------
 
 
-def ws_url(api: ApiServer, query: str = "") -> str:
-    return api.base_url.replace("http://", "ws://") + "/ws" + query
-
-
 async def close_code(ws: websockets.ClientConnection) -> int | None:
     """Wait for the server to close `ws`; its close code."""
     with anyio.fail_after(5):
@@ -162,16 +158,16 @@ async def test_ws_without_a_token_is_closed_after_the_grace_period(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fanout, "AUTH_GRACE_SECONDS", 0.3)
-    async with websockets.connect(ws_url(api)) as ws:
+    async with websockets.connect(api.ws_url()) as ws:
         assert await close_code(ws) in (4401, 1008)
     # A bad token in the header or the query string does not authenticate either.
     tokens = await bad_tokens(api)
     for why in ("other key", "alg none", "expired", "revoked"):
         header = {"Authorization": f"Bearer {tokens[why]}"}
-        async with websockets.connect(ws_url(api), additional_headers=header) as ws:
+        async with websockets.connect(api.ws_url(), additional_headers=header) as ws:
             await ws.send(json.dumps({"action": "subscribe", "channels": ["events"]}))
             assert await close_code(ws) in (4401, 1008), why
-        async with websockets.connect(ws_url(api, f"?token={tokens[why]}")) as ws:
+        async with websockets.connect(api.ws_url(f"?token={tokens[why]}")) as ws:
             assert await close_code(ws) in (4401, 1008), why
 
 
@@ -186,7 +182,7 @@ async def test_ws_with_a_bad_first_frame_is_closed_at_once(api: ApiServer) -> No
         *(json.dumps({"action": "auth", "token": t}) for t in tokens.values()),
     ]
     for frame in frames:
-        async with websockets.connect(ws_url(api)) as ws:
+        async with websockets.connect(api.ws_url()) as ws:
             await ws.send(frame)
             # Well within the (default, 5 s) grace period.
             assert await close_code(ws) in (4401, 1008), frame
@@ -202,11 +198,11 @@ async def test_ws_authenticates_by_header_query_or_first_frame(api: ApiServer) -
                 if message["type"] == "pong":
                     return
 
-    async with websockets.connect(ws_url(api), additional_headers=api.headers) as ws:
+    async with websockets.connect(api.ws_url(), additional_headers=api.headers) as ws:
         await works(ws)
-    async with websockets.connect(ws_url(api, f"?token={api.token}")) as ws:
+    async with websockets.connect(api.ws_url(f"?token={api.token}")) as ws:
         await works(ws)
-    async with websockets.connect(ws_url(api)) as ws:
+    async with websockets.connect(api.ws_url()) as ws:
         await ws.send(json.dumps({"action": "auth", "token": api.token}))
         with anyio.fail_after(5):
             assert json.loads(await ws.recv()) == {"type": "authenticated"}
@@ -223,9 +219,9 @@ async def test_ws_is_closed_when_its_token_is_revoked_or_expires(
         token = r.json()["access_token"]
     header = {"Authorization": f"Bearer {token}"}
     async with (
-        websockets.connect(ws_url(api), additional_headers=header) as by_header,
-        websockets.connect(ws_url(api)) as by_frame,
-        websockets.connect(ws_url(api), additional_headers=api.headers) as other,
+        websockets.connect(api.ws_url(), additional_headers=header) as by_header,
+        websockets.connect(api.ws_url()) as by_frame,
+        websockets.connect(api.ws_url(), additional_headers=api.headers) as other,
     ):
         await by_frame.send(json.dumps({"action": "auth", "token": token}))
         with anyio.fail_after(5):
@@ -241,7 +237,7 @@ async def test_ws_is_closed_when_its_token_is_revoked_or_expires(
                 pass
     # A token that expires while its socket is open.
     soon = jwt.encode(claims(exp=int(time.time()) + 1), secret(api), algorithm="HS256")
-    async with websockets.connect(ws_url(api, f"?token={soon}")) as ws:
+    async with websockets.connect(api.ws_url(f"?token={soon}")) as ws:
         await ws.send(json.dumps({"action": "ping"}))
         assert await close_code(ws) == 4401
 
@@ -253,7 +249,7 @@ async def test_ws_is_closed_when_a_password_change_voids_its_token(
     monkeypatch.setattr(fanout, "TOKEN_CHECK_SECONDS", 0.05)
     leaked = jwt.encode(claims(iat=int(time.time()) - 5), secret(api), algorithm="HS256")
     async with websockets.connect(
-        ws_url(api), additional_headers={"Authorization": f"Bearer {leaked}"}
+        api.ws_url(), additional_headers={"Authorization": f"Bearer {leaked}"}
     ) as ws:
         await ws.send(json.dumps({"action": "ping"}))
         with anyio.fail_after(5):

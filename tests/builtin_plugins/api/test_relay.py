@@ -18,7 +18,6 @@ import pytest
 import websockets
 
 from builtin_plugins.api import fanout
-from builtin_plugins.api.hub import Hub
 from builtin_plugins.api.relay import START_TIMEOUT, RelayLink, StartTask
 from kernel import DisposedError
 from tests.builtin_plugins.conftest import ApiServer, api_server
@@ -26,15 +25,9 @@ from tests.builtin_plugins.conftest import ApiServer, api_server
 pytestmark = pytest.mark.anyio
 
 
-def the_hub(api: ApiServer) -> Hub:
-    hub = api.kernel.services.get("ws.hub")
-    assert isinstance(hub, Hub)
-    return hub
-
-
 async def pong(api: ApiServer) -> None:
     """Open a socket, ping, get the pong."""
-    url = api.base_url.replace("http://", "ws://") + "/ws"
+    url = api.ws_url()
     async with websockets.connect(url, additional_headers=api.headers) as ws:
         await ws.send(json.dumps({"action": "ping"}))
         with anyio.fail_after(5):
@@ -51,7 +44,7 @@ def alive(pid: int) -> bool:
 
 async def test_started_on_first_use_and_stopped_with_the_kernel(tmp_path: Path) -> None:
     async with api_server(tmp_path) as api:
-        hub = the_hub(api)
+        hub = api.hub
         assert hub.relay is None  # nobody connected yet: no process
         await pong(api)
         assert hub.relay is not None and hub.relay.pid is not None
@@ -68,11 +61,11 @@ async def test_a_relay_that_dies_is_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with api_server(tmp_path) as api:
-        hub = the_hub(api)
+        hub = api.hub
         await pong(api)
         assert hub.relay is not None and hub.relay.pid is not None
         old = hub.relay.pid
-        url = api.base_url.replace("http://", "ws://") + "/ws"
+        url = api.ws_url()
         async with websockets.connect(url, additional_headers=api.headers) as ws:
             os.kill(old, signal.SIGKILL)
             # Its connections drop (no close frame: the process is gone) ...
@@ -98,7 +91,7 @@ async def test_served_in_process_when_the_relay_cannot_start(
     caplog.set_level(logging.ERROR)
     async with api_server(tmp_path) as api:
         await pong(api)
-        hub = the_hub(api)
+        hub = api.hub
         assert hub.relay is None
         assert any("did not start" in r.getMessage() for r in caplog.records)
         # Not retried for every connection.
@@ -137,7 +130,7 @@ async def test_a_relay_gone_before_the_handoff_leaves_the_connection_in_process(
     monkeypatch.setattr(RelayLink, "start", start_then_die)
     async with api_server(tmp_path) as api:
         await pong(api)  # served in-process, not a 500
-        assert the_hub(api).relay is None
+        assert api.hub.relay is None
 
 
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[anyio.abc.Process]:
@@ -167,7 +160,7 @@ async def test_a_relay_started_while_the_plugin_goes_away_is_stopped(
     monkeypatch.setattr(RelayLink, "start", start_during_disposal)
     async with api_server(tmp_path) as api:
         await pong(api)
-        assert the_hub(api).relay is None
+        assert api.hub.relay is None
         (process,) = processes
         assert process.returncode is not None
 
@@ -192,7 +185,7 @@ async def test_a_link_that_breaks_while_the_relay_runs_is_noticed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with api_server(tmp_path) as api:
-        hub = the_hub(api)
+        hub = api.hub
         await pong(api)
         link = hub.relay
         assert link is not None and link.pid is not None
@@ -225,7 +218,7 @@ async def test_what_the_bot_drops_for_a_lagging_relay_is_told_as_skipped(
 
     log = logging.getLogger("nekobot.tests.relay")
     async with api_server(tmp_path) as api:
-        url = api.base_url.replace("http://", "ws://") + "/ws"
+        url = api.ws_url()
         async with websockets.connect(url, additional_headers=api.headers) as ws:
             await ws.send(json.dumps({"action": "subscribe", "channels": ["logs"]}))
             with anyio.fail_after(5):
@@ -247,7 +240,7 @@ async def test_what_the_bot_drops_for_a_lagging_relay_is_told_as_skipped(
             skipped = [m for m in seen if m["type"] == "skipped"]
             assert skipped and skipped[0]["channel"] == "logs" and skipped[0]["count"] >= 5
             assert not any("zzrelay dropped" in m.get("data", {}).get("message", "") for m in seen)
-            assert the_hub(api).relay is not None
+            assert api.hub.relay is not None
 
 
 TAB_CHANNEL_PLUGIN = """
@@ -283,7 +276,7 @@ async def test_a_channel_name_with_a_tab_reaches_relay_subscribers(tmp_path: Pat
         async with api.authed() as c:
             assert (await c.post("/api/plugins/rescan")).is_success
             assert (await c.post("/api/plugins/enable", json={"name": "zzrel_tabs"})).is_success
-        url = api.base_url.replace("http://", "ws://") + "/ws"
+        url = api.ws_url()
         async with websockets.connect(url, additional_headers=api.headers) as ws:
             await ws.send(json.dumps({"action": "subscribe", "channels": ["zzrel\ttab"]}))
             with anyio.fail_after(5):
@@ -292,4 +285,4 @@ async def test_a_channel_name_with_a_tab_reaches_relay_subscribers(tmp_path: Pat
             with anyio.fail_after(5):
                 m = json.loads(await ws.recv())
             assert m == {"type": "message", "channel": "zzrel\ttab", "data": {"n": "3"}}
-            assert the_hub(api).relay is not None
+            assert api.hub.relay is not None

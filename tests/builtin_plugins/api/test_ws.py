@@ -21,7 +21,6 @@ import websockets
 
 from builtin_plugins.api import fanout
 from builtin_plugins.api.fanout import PRIVATE_LIMIT, RING_SIZE
-from builtin_plugins.api.hub import Hub
 from kernel.testing import MockBot
 from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 from tests.plugin_factory import purge_modules, write_plugin
@@ -58,15 +57,9 @@ async def nekobot_plugin_start(ctx):
 """
 
 
-def the_hub(api: ApiServer) -> Hub:
-    hub = api.kernel.services.get("ws.hub")
-    assert isinstance(hub, Hub)
-    return hub
-
-
 async def counters(api: ApiServer) -> dict[str, Any]:
     """The counters of whichever side serves the connections (`Fanout.stats`)."""
-    stats = await the_hub(api).stats()
+    stats = await api.hub.stats()
     relay = stats["relay"]
     if relay is not None and relay["subscribers"]:
         assert not stats["in_process"]["subscribers"]
@@ -74,13 +67,9 @@ async def counters(api: ApiServer) -> dict[str, Any]:
     return dict(stats["in_process"])
 
 
-def ws_url(api: ApiServer) -> str:
-    return api.base_url.replace("http://", "ws://") + "/ws"
-
-
 @asynccontextmanager
 async def connect(api: ApiServer, **kwargs: Any) -> AsyncIterator[websockets.ClientConnection]:
-    async with websockets.connect(ws_url(api), additional_headers=api.headers, **kwargs) as ws:
+    async with websockets.connect(api.ws_url(), additional_headers=api.headers, **kwargs) as ws:
         yield ws
 
 
@@ -339,7 +328,7 @@ async def test_a_burst_makes_a_reader_skip_not_drop(api: ApiServer) -> None:
                     got.append(int(m["data"]["message"].rsplit(" ", 1)[1]))
         assert got == sorted(got)
         assert len(got) + skipped >= total
-        if the_hub(api).relay is None:
+        if api.hub.relay is None:
             assert skipped >= 500
         now = await counters(api)
         assert now["subscribers"] == 1 and now["dropped"] == 0
@@ -462,7 +451,7 @@ async def test_a_binary_frame_is_an_error_not_the_end(api: ApiServer) -> None:
 
 
 async def test_a_message_published_from_a_thread_is_what_was_published(api: ApiServer) -> None:
-    hub = the_hub(api)
+    hub = api.hub
     async with connect(api) as ws:
         await subscribe(ws, "events")
 
@@ -480,7 +469,7 @@ async def test_a_message_published_from_a_thread_is_what_was_published(api: ApiS
 
 
 async def test_nothing_is_kept_while_nobody_listens(api: ApiServer) -> None:
-    hub = the_hub(api)
+    hub = api.hub
     log.warning("zws: nobody listens")
     assert hub.rings == {}  # a subscriber only gets what comes after it subscribed
     async with connect(api) as ws:
@@ -493,7 +482,7 @@ async def test_nothing_is_kept_while_nobody_listens(api: ApiServer) -> None:
 async def test_a_lone_surrogate_breaks_nothing(api: ApiServer) -> None:
     """A string with no UTF-8 encoding (a file name decoded with surrogateescape, say)
     arrives as its JSON escape, and what is published after it arrives too."""
-    hub = the_hub(api)
+    hub = api.hub
     async with connect(api) as ws:
         await subscribe(ws, "events")
         hub.publish("events", {"zws_path": "/tmp/\udcff"})
