@@ -248,9 +248,22 @@ class Hub:
             else:
                 await _close(ws, 1000, "")
 
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The claims of a valid token, as the auth service checks it for HTTP."""
+        service = self.kernel.services.get("auth")
+        claims = service.verify(token) if service is not None else None
+        return claims if isinstance(claims, dict) else None
+
+    def token_valid(self, claims: Mapping[str, Any]) -> bool:
+        """Whether a connection's token still holds (not expired, revoked or voided by a
+        password change): the auth service decides, as for every HTTP request."""
+        still_valid = getattr(self.kernel.services.get("auth"), "still_valid", None)
+        if still_valid is not None:
+            return bool(still_valid(claims))
+        return time.time() < float(claims.get("exp", 0))
+
     async def _first_frame_auth(self, ws: WebSocket) -> dict[str, Any] | None:
         """The claims of the token in a first `auth` frame; else the socket is closed."""
-        service = self.kernel.services.get("auth")
         with anyio.move_on_after(fanout.AUTH_GRACE_SECONDS):
             try:
                 frame = loads(await ws.receive_text())
@@ -260,10 +273,9 @@ class Hub:
                 isinstance(frame, dict)
                 and frame.get("action") == "auth"
                 and isinstance(frame.get("token"), str)
-                and service is not None
             ):
-                claims = service.verify(frame["token"])
-                if isinstance(claims, dict):
+                claims = self.verify(frame["token"])
+                if claims is not None:
                     await ws.send_json({"type": "authenticated"})
                     return claims
         await _close(ws, 4401, "authentication required")
@@ -272,14 +284,11 @@ class Hub:
     async def _watch_token(
         self, claims: Mapping[str, Any], sub: Subscriber, cancel: anyio.CancelScope
     ) -> None:
-        """End the connection once its token expires, is revoked (logout) or is voided by
-        a password change: the auth service decides, as for every HTTP request."""
+        """End the connection once its token no longer holds (`token_valid`)."""
         while True:
             expires = float(claims.get("exp", 0))
             await anyio.sleep(max(0.0, min(fanout.TOKEN_CHECK_SECONDS, expires - time.time())))
-            still_valid = getattr(self.kernel.services.get("auth"), "still_valid", None)
-            valid = still_valid(claims) if still_valid is not None else time.time() < expires
-            if not valid:
+            if not self.token_valid(claims):
                 sub.token_invalid = True
                 cancel.cancel()
                 return

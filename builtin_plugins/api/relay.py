@@ -282,12 +282,10 @@ class RelayLink:
         return stats
 
     def _auth(self, conn: int, token: str) -> None:
-        service = self.hub.kernel.services.get("auth")
-        claims = service.verify(token) if service is not None else None
-        ok = isinstance(claims, dict)
-        if isinstance(claims, dict) and conn in self.conns:
+        claims = self.hub.verify(token)
+        if claims is not None and conn in self.conns:
             self._watch(conn, claims)
-        self.control({"op": "auth_result", "conn": conn, "ok": ok})
+        self.control({"op": "auth_result", "conn": conn, "ok": claims is not None})
 
     async def _followups(self, conn: int, items: list[Followup]) -> None:
         """Run what a client action asks of the kernel, in order, as the in-process hub
@@ -305,8 +303,7 @@ class RelayLink:
         self._conns_changed.set()
 
     async def _watch_tokens(self) -> None:
-        """Close connections whose token is no longer valid: the auth service decides, as
-        for every HTTP request."""
+        """Close connections whose token no longer holds (`Hub.token_valid`)."""
         while True:
             now = time.time()
             soonest = min((float(c.get("exp", 0)) for c in self.claims.values()), default=now)
@@ -317,11 +314,8 @@ class RelayLink:
             with anyio.move_on_after(delay):
                 await self._conns_changed.wait()
                 continue
-            still_valid = getattr(self.hub.kernel.services.get("auth"), "still_valid", None)
             for conn, claims in list(self.claims.items()):
-                expires = float(claims.get("exp", 0))
-                valid = still_valid(claims) if still_valid is not None else time.time() < expires
-                if not valid:
+                if not self.hub.token_valid(claims):
                     self.close(conn, 4401, "token expired or revoked")
 
     # -- writing -------------------------------------------------------------------------
