@@ -1,6 +1,6 @@
 """NekoBot's microkernel: hookspecs, the plugin lifecycle, registries and the pipeline."""
 
-from kernel.config import KernelConfig
+from kernel.config import BuiltinPlugin, KernelConfig
 from kernel.context import PluginContext
 from kernel.errors import (
     CommandNotFoundError,
@@ -41,6 +41,7 @@ from kernel.models import (
 from kernel.version import __version__
 
 __all__ = [
+    "BuiltinPlugin",
     "ChannelSpec",
     "CommandInvocation",
     "CommandNotFoundError",

@@ -23,8 +23,6 @@ import pluggy
 from kernel.calling import (
     Contributions,
     call_impl,
-    check_hook_names,
-    collect_contributions,
     impls_of,
 )
 from kernel.commands import CommandEntry
@@ -48,6 +46,7 @@ from kernel.models import (
     PluginState,
 )
 from kernel.plugin_config import validate_config
+from kernel.staging import import_generation, register_generation
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -224,22 +223,12 @@ class GenerationOps:
                 check_compatible(cand.manifest)
             except NekoError as exc:
                 raise PluginLoadError(name, exc.message) from None
-        try:
-            imported = await anyio.to_thread.run_sync(
-                lambda: self.kernel.loader.import_plugin(cand, fresh=True)
-            )
-        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() must not stop us
-            raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from exc
+        imported = await anyio.to_thread.run_sync(import_generation, self.kernel.loader, cand)
         rec.generations += 1
         pm_name = f"{name}#{rec.generations}"
         try:
-            try:
-                self.pm.register(_registrable(self.pm, imported.module), name=pm_name)
-            except Exception as exc:
-                raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
-            hooks = self._hooks_of(pm_name)
-            check_hook_names(name, imported.module, hooks)
-            contributions = collect_contributions(self.pm, pm_name, name)
+            module = _registrable(self.pm, imported.module)
+            hooks, contributions = register_generation(self.pm, module, pm_name, name)
             schema = contributions.config_schema or (
                 cand.manifest.config_schema if cand.manifest else None
             )
@@ -260,11 +249,6 @@ class GenerationOps:
             raise
         return gen
 
-    def _hooks_of(self, pm_name: str) -> tuple[str, ...]:
-        plugin = self.pm.get_plugin(pm_name)
-        callers = self.pm.get_hookcallers(plugin) or []
-        return tuple(sorted(c.name for c in callers))
-
     def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
         for registry, items in registry_items(self.kernel, c):
             registry.check(name, items, replacing=replacing)
@@ -277,8 +261,10 @@ class GenerationOps:
             k.commands.add(name, gen.commands)
         for registry, items in registry_items(k, c):
             registry.replace_owner(name, items, gen)
-        top = rec.candidate.module.partition(".")[0]
-        self.module_owners[rec.candidate.module if top == "builtin_plugins" else top] = name
+        cand = rec.candidate
+        # Builtins share their distribution's top-level package: attribute by full module.
+        builtin = cand.source is PluginSource.BUILTIN
+        self.module_owners[cand.module if builtin else cand.module.partition(".")[0]] = name
         k.asgi_app.rebuild()
 
     def _drop_registries(self, name: str, *, transfer: bool) -> None:
