@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from kernel.errors import NekoError
+from kernel.portable_sql import check_portable
 
 __all__ = [
     "KERNEL_MIGRATIONS",
@@ -492,7 +493,12 @@ class PluginStore:
         return f"p_{self._plugin}__{_validate_table_name(name)}"
 
     def expand(self, sql: str) -> str:
-        """Replace every ``{t:NAME}`` placeholder in ``sql`` by :meth:`table` of ``NAME``."""
+        """Replace every ``{t:NAME}`` placeholder in ``sql`` by :meth:`table` of ``NAME``.
+
+        Refuses (NonPortableSQLError) SQL that only SQLite runs: a plugin's SQL must run
+        on every storage backend (docs/storage.md).
+        """
+        check_portable(sql)
         return _PLACEHOLDER_RE.sub(lambda match: self.table(match.group(1)), sql)
 
     async def schema_version(self) -> int:

@@ -256,6 +256,8 @@ class AuthService:
             del self.revoked[old]
         self.revoked[jti] = exp
         await self.store.execute(
-            "INSERT OR REPLACE INTO {t:revoked} (jti, exp) VALUES (?, ?)", (jti, exp)
+            "INSERT INTO {t:revoked} (jti, exp) VALUES (?, ?) "
+            "ON CONFLICT (jti) DO UPDATE SET exp = excluded.exp",
+            (jti, exp),
         )
         await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (now,))
