@@ -18,7 +18,8 @@ from kernel.errors import (
     PluginNotFoundError,
     ReloadError,
 )
-from kernel.hookspecs import hookimpl
+from kernel.events import MessageDispatch
+from kernel.hookspecs import Priority, hookimpl, priority
 from kernel.kernel import Kernel
 from kernel.models import (
     ChannelSpec,
@@ -56,6 +57,7 @@ __all__ = [
     "KernelEvent",
     "MCPServerSpec",
     "ManifestError",
+    "MessageDispatch",
     "MessageEvent",
     "MiddlewareSpec",
     "NekoError",
@@ -67,6 +69,7 @@ __all__ = [
     "PluginNotFoundError",
     "PluginSource",
     "PluginState",
+    "Priority",
     "ProviderType",
     "ReloadError",
     "Reply",
@@ -76,4 +79,5 @@ __all__ = [
     "Target",
     "__version__",
     "hookimpl",
+    "priority",
 ]
