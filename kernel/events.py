@@ -40,6 +40,7 @@ class Adapter(Protocol):
         """Deliver `reply` to `target`."""
 
 
+#: How a handler's messages reach the conversation being handled (counted as replies).
 Send = Callable[[Reply | str | None], Awaitable[None]]
 
 

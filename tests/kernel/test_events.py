@@ -301,6 +301,15 @@ async def nekobot_on_message(event, ctx, dispatch):
     if mode == "wrong":
         return 42
     return ctx.name + " answers " + event.text
+
+
+on_stop = None  # set by a test: a coroutine function to await while stopping
+
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    if on_stop is not None:
+        await on_stop()
 """
 
 
@@ -476,6 +485,26 @@ async def test_the_order_survives_a_reload_of_the_higher_priority_plugin(
         assert await bot.receive("hello") == ["evt_chat_llm answers hello"]
         await kernel.plugins.disable("evt_chat_llm")
         assert await bot.receive("hello") == ["evt_chat_zz answers hello"]
+
+
+@pytest.mark.anyio
+async def test_a_generation_going_away_is_skipped(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        during: list[list[str]] = []
+
+        async def receive_while_stopping() -> None:
+            during.append(await bot.receive("hello", chat_id="B"))
+
+        # The old generation's gate is closed while it stops: it is not offered the
+        # message, and neither is its successor (not started yet); the next one answers.
+        module_of(kernel, "evt_chat_hi").on_stop = receive_while_stopping
+        await kernel.plugins.reload("evt_chat_hi")
+        assert during == [["evt_chat_lo answers hello"]]
+        assert await bot.receive("hello") == ["evt_chat_hi answers hello"]
 
 
 _BAD_PRIORITY = """
