@@ -18,7 +18,8 @@ from kernel.errors import (
     PluginNotFoundError,
     ReloadError,
 )
-from kernel.hookspecs import hookimpl
+from kernel.events import MessageDispatch
+from kernel.hookspecs import Priority, hookimpl, priority
 from kernel.kernel import Kernel
 from kernel.models import (
     ChannelSpec,
@@ -57,6 +58,7 @@ __all__ = [
     "KernelEvent",
     "MCPServerSpec",
     "ManifestError",
+    "MessageDispatch",
     "MessageEvent",
     "MiddlewareSpec",
     "NekoError",
@@ -68,6 +70,7 @@ __all__ = [
     "PluginNotFoundError",
     "PluginSource",
     "PluginState",
+    "Priority",
     "ProviderType",
     "ReloadError",
     "Reply",
@@ -77,4 +80,5 @@ __all__ = [
     "Target",
     "__version__",
     "hookimpl",
+    "priority",
 ]

@@ -32,6 +32,8 @@ from kernel.errors import (
     PluginError,
     PluginLoadError,
 )
+from kernel.hookspecs import PRIORITISED_HOOKS
+from kernel.hookspecs.markers import priority_of
 from kernel.lifecycle import Gate, Scope
 from kernel.loader import (
     ImportedGeneration,
@@ -442,6 +444,9 @@ class GenerationOps:
             for hook in gen.hooks:
                 for impl in impls_of(self.pm, hook, gen.pm_name):
                     index.setdefault(hook, []).append((name, impl, gen))
+        for hook in PRIORITISED_HOOKS:
+            # Stable: equal priorities stay in plugin-name order, whatever pluggy's is.
+            index.get(hook, []).sort(key=lambda entry: -priority_of(entry[1].function))
         self.hook_index = index
 
     async def _persist_enabled(self, rec: PluginRecord) -> None:
