@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import attrs
+import pluggy
 
 from kernel.calling import call_impl
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
-from kernel.lifecycle import GateCall, GateClosedError
+from kernel.lifecycle import GateCall, GateClosedError, operating_on
 from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
 
 if TYPE_CHECKING:
@@ -276,15 +277,26 @@ class Pipeline:
             ctx = gen.ctx
             log = ctx.log if ctx is not None else self.kernel.log
             dispatch = MessageDispatch(plugin, handled_by, send)
-            outcome = await call_impl(
-                impl,
-                {"event": event, "ctx": ctx, "dispatch": dispatch},
-                plugin=plugin,
-                hook="nekobot_on_message",
-                timeout=timeout,
-                log=log,
-                gate=gen.gate,
-            )
+            for _ in range(_MAX_RETRIES):
+                outcome = await call_impl(
+                    impl,
+                    {"event": event, "ctx": ctx, "dispatch": dispatch},
+                    plugin=plugin,
+                    hook="nekobot_on_message",
+                    timeout=timeout,
+                    log=log,
+                    gate=gen.gate,
+                )
+                if not isinstance(outcome.error, GateClosedError):
+                    break
+                # Its generation is going away: the message waits for the successor, as a
+                # command does, unless this very task is that plugin's operation.
+                successor = await self._successor(plugin, gen)
+                if successor is None:
+                    break
+                impl, gen = successor
+                ctx = gen.ctx
+                log = ctx.log if ctx is not None else self.kernel.log
             dispatch._open = False
             # A handler that failed after sending has answered all the same.
             if outcome.error is None and outcome.value is not None:
@@ -296,6 +308,19 @@ class Pipeline:
                 if not dispatch._passing:
                     return
                 handled_by = dispatch.handled_by
+
+    async def _successor(
+        self, plugin: str, gen: Generation
+    ) -> tuple[pluggy.HookImpl, Generation] | None:
+        """After `plugin`'s operation, its new generation's `nekobot_on_message`, if the
+        plugin is still active and still implements it."""
+        if operating_on(plugin):
+            return None
+        await self.kernel.plugins.settled(plugin)
+        for name, impl, current in self.kernel.plugins.hook_index.get("nekobot_on_message", ()):
+            if name == plugin:
+                return None if current is gen else (impl, current)
+        return None
 
 
 def strip_wake_word(event: MessageEvent, wake_words: Sequence[str]) -> MessageEvent:

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import Token
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from kernel.errors import (
 )
 from kernel.hookspecs import PRIORITISED_HOOKS
 from kernel.hookspecs.markers import priority_of
-from kernel.lifecycle import Gate, Scope
+from kernel.lifecycle import Gate, Scope, begin_operation, end_operation
 from kernel.loader import (
     ImportedGeneration,
     PluginCandidate,
@@ -474,13 +475,17 @@ class Operation:
     def __init__(self, rec: PluginRecord) -> None:
         self.rec = rec
         self._shield = anyio.CancelScope(shield=True)
+        self._token: Token[frozenset[str]] | None = None
 
     async def __aenter__(self) -> None:
         await self.rec.lock.acquire()
         self.rec.idle = anyio.Event()
         self._shield.__enter__()
+        self._token = begin_operation(self.rec.name)
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        if self._token is not None:
+            end_operation(self._token)
         self._shield.__exit__(*exc_info)
         self.rec.idle.set()
         self.rec.lock.release()

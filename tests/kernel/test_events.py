@@ -488,7 +488,42 @@ async def test_the_order_survives_a_reload_of_the_higher_priority_plugin(
 
 
 @pytest.mark.anyio
-async def test_a_generation_going_away_is_skipped(tmp_path: Path) -> None:
+async def test_a_message_arriving_during_a_reload_waits_for_the_new_generation(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        stopping, release = anyio.Event(), anyio.Event()
+
+        async def hold_the_swap() -> None:
+            stopping.set()
+            await release.wait()
+
+        module_of(kernel, "evt_chat_hi").on_stop = hold_the_swap
+        got: list[list[str]] = []
+
+        async def receive() -> None:
+            got.append(await bot.receive("hello", chat_id="B"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kernel.plugins.reload, "evt_chat_hi")
+            await stopping.wait()  # the old generation's gate is closed now
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            # Not answered by the next handler in line: it waits for the swap.
+            assert got == [] and module_of(kernel, "evt_chat_lo").offered == []
+            release.set()
+        assert got == [["evt_chat_hi answers hello"]]
+        assert module_of(kernel, "evt_chat_lo").offered == []
+
+
+@pytest.mark.anyio
+async def test_a_message_sent_by_a_plugins_own_operation_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
     plugins = tmp_path / "plugins"
     write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
     write_chat(plugins, "evt_chat_lo")
@@ -499,8 +534,8 @@ async def test_a_generation_going_away_is_skipped(tmp_path: Path) -> None:
         async def receive_while_stopping() -> None:
             during.append(await bot.receive("hello", chat_id="B"))
 
-        # The old generation's gate is closed while it stops: it is not offered the
-        # message, and neither is its successor (not started yet); the next one answers.
+        # Dispatched from the plugin's own stop hook: waiting for the reload would be
+        # waiting for itself, so the going generation is skipped and the next answers.
         module_of(kernel, "evt_chat_hi").on_stop = receive_while_stopping
         await kernel.plugins.reload("evt_chat_hi")
         assert during == [["evt_chat_lo answers hello"]]
