@@ -78,12 +78,13 @@ async def login(request: Request) -> JSONResponse:
     )
     username = body["username"]
     keys = (f"ip:{_client(request)}", f"user:{username.casefold()}")
-    wait = service.limiter.retry_after(*keys)
+    # Counted as a failure before the scrypt call: it runs in a thread, and logins
+    # waiting for it must already count against the limit (a success clears the count).
+    wait = service.limiter.reserve(*keys)
     if wait > 0:
         raise_limited(wait)
     account = await service.check_password(username, body["password"])
     if account is None:
-        service.limiter.failed(*keys)
         raise ApiError(401, "wrong username or password", "invalid_credentials")
     service.limiter.succeeded(*keys)
     token, ttl = service.issue(username)

@@ -90,6 +90,16 @@ class LoginLimiter:
                 wait = max(wait, self.window - (now - times[0]))
         return wait
 
+    def reserve(self, *keys: str) -> float:
+        """Count one attempt against each key now, if all may try; else the seconds to
+        wait (nothing counted). Check and count are one step without an await between
+        them, so logins in flight at once cannot all pass before any is counted; a
+        success refunds the attempt (`succeeded`)."""
+        wait = self.retry_after(*keys)
+        if wait <= 0:
+            self.failed(*keys)
+        return wait
+
     def failed(self, *keys: str) -> None:
         """Count one failure against each key (the table stays bounded)."""
         now = time.monotonic()

@@ -7,6 +7,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import jwt
 import pytest
@@ -198,3 +199,19 @@ async def test_verified_claims_are_the_callers_own(kernel: Kernel) -> None:
     again = auth.verify(token)  # the signature check is cached: the cache must not change
     assert again is not None
     assert again["sub"] == "nekobot" and "jti" in again
+
+
+async def test_parallel_wrong_logins_get_exactly_the_limit_of_401s(
+    client: httpx.AsyncClient,
+) -> None:
+    # The attempt is counted before the scrypt call (which yields to the event loop), so
+    # logins in flight at once cannot all pass the check before any failure is recorded.
+    statuses: list[int] = []
+
+    async def wrong() -> None:
+        statuses.append((await _login(client, "wrong")).status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(wrong)
+    assert sorted(statuses) == [401] * 5 + [429] * 95
