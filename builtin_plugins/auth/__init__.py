@@ -87,16 +87,26 @@ async def login(request: Request) -> JSONResponse:
     if account is None:
         raise ApiError(401, "wrong username or password", "invalid_credentials")
     service.limiter.succeeded(*keys)
+    data = _new_token(service, username, bool(account.get("must_change_password")))
+    return JSONResponse(
+        {
+            "status": "success",
+            "data": data,
+            "access_token": data["access_token"],
+            "token_type": "bearer",
+        }
+    )
+
+
+def _new_token(service: AuthService, username: str, must_change: bool) -> dict[str, Any]:
+    """The token fields of the login answer, for a token issued now."""
     token, ttl = service.issue(username)
-    data = {
+    return {
         "access_token": token,
         "token_type": "bearer",
         "expires_in": ttl,
-        "must_change_password": bool(account.get("must_change_password")),
+        "must_change_password": must_change,
     }
-    return JSONResponse(
-        {"status": "success", "data": data, "access_token": token, "token_type": "bearer"}
-    )
 
 
 def raise_limited(wait: float) -> None:
@@ -139,7 +149,8 @@ async def change_password(request: Request) -> JSONResponse:
             {"field": "new_password"},
         )
     await service.set_password(username, new, must_change=False)
-    return success({"changed": True})
+    # The change voided the caller's token with the others: the answer carries its new one.
+    return success({"changed": True, **_new_token(service, username, False)})
 
 
 async def account(request: Request) -> JSONResponse:
@@ -168,6 +179,16 @@ def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
     return [MiddlewareSpec("auth", AuthMiddleware, order=0)]
 
 
+#: The token fields of the login and password-change answers.
+_TOKEN_FIELDS: dict[str, Any] = {
+    "access_token": STR,
+    "token_type": {"const": "bearer"},
+    "expires_in": {"type": "integer"},
+    "must_change_password": BOOL,
+}
+_TOKEN_REQUIRED = tuple(_TOKEN_FIELDS)
+
+
 @hookimpl
 def nekobot_routes() -> Iterable[RouteSpec]:
     return [
@@ -180,17 +201,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Log in and get a bearer token",
             openapi=operation(
                 json_body({"username": STR, "password": STR}, ("username", "password")),
-                returns(
-                    obj(
-                        {
-                            "access_token": STR,
-                            "token_type": {"const": "bearer"},
-                            "expires_in": {"type": "integer"},
-                            "must_change_password": BOOL,
-                        },
-                        ("access_token", "token_type", "expires_in", "must_change_password"),
-                    )
-                ),
+                returns(obj(_TOKEN_FIELDS, _TOKEN_REQUIRED)),
             ),
         ),
         RouteSpec(
@@ -225,7 +236,11 @@ def nekobot_routes() -> Iterable[RouteSpec]:
                     {"old_password": STR, "new_password": {**STR, "minLength": 8}},
                     ("old_password", "new_password"),
                 ),
-                returns(obj({"changed": {"const": True}})),
+                returns(
+                    obj(
+                        {"changed": {"const": True}, **_TOKEN_FIELDS}, ("changed", *_TOKEN_REQUIRED)
+                    )
+                ),
             ),
         ),
     ]

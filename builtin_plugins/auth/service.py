@@ -136,8 +136,13 @@ class AuthService:
         self.revoked: dict[str, float] = {}
         #: Tokens whose signature was verified, oldest first (bounded).
         self._checked: dict[str, dict[str, Any]] = {}
-        #: username -> epoch second before which its tokens are void (its password changed).
+        #: username -> its token version: a token carrying another (`ver`) is void. Each
+        #: password change bumps it, so tokens of the same second die too.
+        self.versions: dict[str, int] = {}
+        #: username -> epoch second before which its tokens are void: the whole-second
+        #: rule of accounts whose password was last changed before token versions.
         self.not_before: dict[str, int] = {}
+        self._password_lock = anyio.Lock()
         self._dummy_hash: str | None = None
 
     @property
@@ -160,8 +165,13 @@ class AuthService:
         self.revoked = {jti: exp for jti, exp in rows}
         for key in await self.store.kv_keys():
             value = await self.store.kv_get(key) if key.startswith("account:") else None
-            if isinstance(value, dict) and isinstance(value.get("tokens_after"), int):
-                self.not_before[key.removeprefix("account:")] = value["tokens_after"]
+            if not isinstance(value, dict):
+                continue
+            username = key.removeprefix("account:")
+            if isinstance(value.get("token_version"), int):
+                self.versions[username] = value["token_version"]
+            if isinstance(value.get("tokens_after"), int):
+                self.not_before[username] = value["tokens_after"]
         if (
             await self.store.kv_get(f"account:{DEFAULT_USER}") is None
             and not await self.store.kv_keys()
@@ -173,15 +183,28 @@ class AuthService:
             )
 
     async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
-        """Store a new password hash for `username`; the tokens issued before are void
-        (a leaked token must not outlive the password change meant to stop it)."""
+        """Store a new password hash for `username`; every token issued before is void at
+        once, even one of the same second (a leaked token must not outlive the password
+        change meant to stop it): the account's token version goes up."""
         hashed = await anyio.to_thread.run_sync(hash_password, password)
-        now = int(time.time())
-        await self.store.kv_set(
-            f"account:{username}",
-            {"password_hash": hashed, "must_change_password": must_change, "tokens_after": now},
-        )
-        self.not_before[username] = now
+        # Serialized: two changes at once must not both take the same next version.
+        async with self._password_lock:
+            stored = await self.account(username) or {}
+            previous = stored.get("token_version")
+            version = max(
+                previous if isinstance(previous, int) else 0, self.versions.get(username, 0)
+            )
+            await self.store.kv_set(
+                f"account:{username}",
+                {
+                    "password_hash": hashed,
+                    "must_change_password": must_change,
+                    "token_version": version + 1,
+                },
+            )
+            self.versions[username] = version + 1
+            # Tokens before versions carry none (version 0): void now without the old rule.
+            self.not_before.pop(username, None)
 
     async def account(self, username: str) -> dict[str, Any] | None:
         """The stored account, or None."""
@@ -216,7 +239,13 @@ class AuthService:
         """A signed token for `username` and its lifetime in seconds."""
         now = int(time.time())
         ttl = self._settings().token_ttl_seconds
-        claims = {"sub": username, "iat": now, "exp": now + ttl, "jti": secrets.token_hex(16)}
+        claims = {
+            "sub": username,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": secrets.token_hex(16),
+            "ver": self.versions.get(username, 0),
+        }
         return jwt.encode(claims, self.secret, algorithm="HS256"), ttl
 
     def verify(self, token: str) -> dict[str, Any] | None:
@@ -245,16 +274,22 @@ class AuthService:
         return dict(claims) if self.still_valid(claims) else None
 
     def still_valid(self, claims: Mapping[str, Any]) -> bool:
-        """False once verified claims expired, were revoked (logout) or predate their
-        account's last password change; an open WebSocket is checked by this too."""
+        """False once verified claims expired, were revoked (logout) or were issued before
+        their account's last password change; an open WebSocket is checked by this too."""
         try:
             expires, issued = float(claims["exp"]), float(claims["iat"])
         except (KeyError, TypeError, ValueError):
             return False
+        username = str(claims.get("sub"))
+        # A token from before token versions has no `ver`: version 0, as its account has
+        # until its next password change.
+        version = claims.get("ver", 0)
         return (
             expires > time.time()
             and claims.get("jti") not in self.revoked
-            and issued >= self.not_before.get(str(claims.get("sub")), 0)
+            and type(version) is int
+            and version == self.versions.get(username, 0)
+            and issued >= self.not_before.get(username, 0)
         )
 
     async def revoke(self, claims: Mapping[str, Any]) -> None:

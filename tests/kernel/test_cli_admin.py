@@ -101,3 +101,39 @@ def test_run_refuses_non_loopback_with_default_password(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "refusing to listen on 0.0.0.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reset_password_voids_tokens_of_the_same_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from types import SimpleNamespace
+
+    import anyio
+
+    from builtin_plugins.auth import service
+
+    # The auth service's clock stopped inside one second: the token and the reset share it.
+    frozen = int(time.time()) + 0.25
+    monkeypatch.setattr(
+        service, "time", SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic)
+    )
+    data = tmp_path / "data"
+    monkeypatch.chdir(tmp_path)
+
+    async def issue() -> str:
+        async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+            return str(kernel.services.get("auth").issue("nekobot")[0])
+
+    async def valid(token: str) -> bool:
+        async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+            return kernel.services.get("auth").verify(token) is not None
+
+    token = anyio.run(issue)
+    assert anyio.run(valid, token)
+    for password in ("brand-new-secret", "another-new-secret"):  # the second bumps again
+        monkeypatch.setattr(sys, "stdin", io.StringIO(f"{password}\n"))
+        assert main(["admin", "reset-password", "--password-stdin", "--data-dir", str(data)]) == 0
+        assert not anyio.run(valid, token)
+        token = anyio.run(issue)
+        assert anyio.run(valid, token)
