@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from kernel.errors import NekoError
+from kernel.private_files import private_database
 
 __all__ = [
     "KERNEL_MIGRATIONS",
@@ -192,6 +193,9 @@ class Storage:
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before SQLite opens it: its -wal and -shm (the WAL holds recent writes,
+        # password hashes included) take the database file's mode.
+        private_database(self._path)
         conn = sqlite3.connect(
             self._path,
             check_same_thread=False,
