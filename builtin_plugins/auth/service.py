@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -27,6 +28,9 @@ MAX_TRACKED_KEYS = 10_000
 #: Stored instead of a hash while the default account has the documented default password.
 DEFAULT_MARK = "default$"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+#: How often a running bot re-reads the accounts' token versions: `nekobot admin
+#: reset-password` is another process writing the same database.
+VERSION_POLL_SECONDS = 5.0
 
 
 def hash_password(password: str) -> str:
@@ -163,15 +167,7 @@ class AuthService:
         await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (time.time(),))
         rows = await self.store.fetchall("SELECT jti, exp FROM {t:revoked}")
         self.revoked = {jti: exp for jti, exp in rows}
-        for key in await self.store.kv_keys():
-            value = await self.store.kv_get(key) if key.startswith("account:") else None
-            if not isinstance(value, dict):
-                continue
-            username = key.removeprefix("account:")
-            if isinstance(value.get("token_version"), int):
-                self.versions[username] = value["token_version"]
-            if isinstance(value.get("tokens_after"), int):
-                self.not_before[username] = value["tokens_after"]
+        await self.load_versions()
         if (
             await self.store.kv_get(f"account:{DEFAULT_USER}") is None
             and not await self.store.kv_keys()
@@ -181,6 +177,29 @@ class AuthService:
                 f"account:{DEFAULT_USER}",
                 {"password_hash": DEFAULT_MARK, "must_change_password": True},
             )
+
+    async def load_versions(self) -> None:
+        """Read the accounts' token versions from the store (at start, and every
+        `VERSION_POLL_SECONDS` to see a password another process changed)."""
+        for key, value in (await self.store.kv_items()).items():
+            if not key.startswith("account:") or not isinstance(value, dict):
+                continue
+            username = key.removeprefix("account:")
+            stored = value.get("token_version")
+            if isinstance(stored, int) and stored > self.versions.get(username, 0):
+                self.versions[username] = stored  # a version only ever goes up
+                self.not_before.pop(username, None)
+            elif isinstance(value.get("tokens_after"), int) and username not in self.versions:
+                self.not_before[username] = value["tokens_after"]
+
+    async def follow_versions(self, log: logging.LoggerAdapter[logging.Logger]) -> None:
+        """Re-read the token versions every `VERSION_POLL_SECONDS`, for good."""
+        while True:
+            await anyio.sleep(VERSION_POLL_SECONDS)
+            try:
+                await self.load_versions()
+            except Exception:  # a busy or failing database must not end the watch
+                log.warning("could not re-read the token versions", exc_info=True)
 
     async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
         """Store a new password hash for `username`; every token issued before is void at
