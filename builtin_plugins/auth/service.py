@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from kernel.private_files import tighten
 from kernel.settings import Settings
 from kernel.storage import PluginStore
 
@@ -63,6 +64,7 @@ def load_secret(data_dir: Path) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        tighten(path)  # one written by hand, or copied in, may be readable by others
         return path.read_text(encoding="utf-8").strip()
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         secret = secrets.token_urlsafe(48)

@@ -79,8 +79,10 @@ async def test_files_left_readable_are_tightened_and_an_open_data_dir_is_named(
     for name in ("nekobot.log", "nekobot.log.1"):
         (data / "logs" / name).write_text("")
         os.chmod(data / "logs" / name, 0o644)
-    async with running_kernel(data) as kernel:
-        for name in ("nekobot.db", "nekobot.db-wal", "nekobot.db-shm"):
+    (data / "jwt_secret").write_text("a-secret-written-by-hand-of-at-least-32-bytes")
+    os.chmod(data / "jwt_secret", 0o644)
+    async with running_kernel(data, builtin_plugins=["api", "auth"]) as kernel:
+        for name in ("nekobot.db", "nekobot.db-wal", "nekobot.db-shm", "jwt_secret"):
             assert mode(data / name) == 0o600, name
         warnings = [r.message for r in kernel.logging.buffer.records if r.level == "WARNING"]
     for name in ("nekobot.log", "nekobot.log.1"):
