@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kernel.errors import DisposedError
 from kernel.lifecycle import DisposeCallback, Scope, TaskHandle
 from kernel.models import KernelEvent, Reply, Target
+from kernel.private_files import make_private_dir
 from kernel.storage import PluginStore
 
 if TYPE_CHECKING:
@@ -121,9 +122,9 @@ class PluginContext:
     def data_dir(self) -> Path:
         """A directory for the plugin's files, inside the kernel's data directory."""
         self._check_live("data_dir")
-        path = self._kernel.config.data_dir / "plugin_data" / self.name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        path = self._kernel.config.data_dir / "plugin_data"
+        make_private_dir(path)
+        return make_private_dir(path / self.name)
 
     def provide(self, name: str, value: object) -> None:
         """Offer `value` to other plugins as `ctx.services.get(name)`; withdrawn on disposal."""

@@ -23,6 +23,7 @@ import anyio.to_thread
 
 from kernel.errors import NekoError
 from kernel.portable_sql import check_portable
+from kernel.private_files import private_database
 
 __all__ = [
     "KERNEL_MIGRATIONS",
@@ -193,6 +194,9 @@ class Storage:
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before SQLite opens it: its -wal and -shm (the WAL holds recent writes,
+        # password hashes included) take the database file's mode.
+        private_database(self._path)
         conn = sqlite3.connect(
             self._path,
             check_same_thread=False,

@@ -78,24 +78,35 @@ async def login(request: Request) -> JSONResponse:
     )
     username = body["username"]
     keys = (f"ip:{_client(request)}", f"user:{username.casefold()}")
-    wait = service.limiter.retry_after(*keys)
+    # Counted as a failure before the scrypt call: it runs in a thread, and logins
+    # waiting for it must already count against the limit (a success clears the count).
+    wait = service.limiter.reserve(*keys)
     if wait > 0:
         raise_limited(wait)
     account = await service.check_password(username, body["password"])
     if account is None:
-        service.limiter.failed(*keys)
         raise ApiError(401, "wrong username or password", "invalid_credentials")
     service.limiter.succeeded(*keys)
+    data = _new_token(service, username, bool(account.get("must_change_password")))
+    return JSONResponse(
+        {
+            "status": "success",
+            "data": data,
+            "access_token": data["access_token"],
+            "token_type": "bearer",
+        }
+    )
+
+
+def _new_token(service: AuthService, username: str, must_change: bool) -> dict[str, Any]:
+    """The token fields of the login answer, for a token issued now."""
     token, ttl = service.issue(username)
-    data = {
+    return {
         "access_token": token,
         "token_type": "bearer",
         "expires_in": ttl,
-        "must_change_password": bool(account.get("must_change_password")),
+        "must_change_password": must_change,
     }
-    return JSONResponse(
-        {"status": "success", "data": data, "access_token": token, "token_type": "bearer"}
-    )
 
 
 def raise_limited(wait: float) -> None:
@@ -138,7 +149,8 @@ async def change_password(request: Request) -> JSONResponse:
             {"field": "new_password"},
         )
     await service.set_password(username, new, must_change=False)
-    return success({"changed": True})
+    # The change voided the caller's token with the others: the answer carries its new one.
+    return success({"changed": True, **_new_token(service, username, False)})
 
 
 async def account(request: Request) -> JSONResponse:
@@ -158,6 +170,8 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
     secret = await anyio.to_thread.run_sync(load_secret, ctx.kernel.config.data_dir)
     kernel = ctx.kernel
     service = AuthService(ctx.store, secret, lambda: kernel.settings)
+    # Sees passwords reset by the CLI while the bot runs; it waits a poll before reading.
+    ctx.start_task(service.follow_versions, ctx.log, name="auth: follow token versions")
     await service.start()
     ctx.provide(SERVICE, service)
 
@@ -165,6 +179,16 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
 @hookimpl
 def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
     return [MiddlewareSpec("auth", AuthMiddleware, order=0)]
+
+
+#: The token fields of the login and password-change answers.
+_TOKEN_FIELDS: dict[str, Any] = {
+    "access_token": STR,
+    "token_type": {"const": "bearer"},
+    "expires_in": {"type": "integer"},
+    "must_change_password": BOOL,
+}
+_TOKEN_REQUIRED = tuple(_TOKEN_FIELDS)
 
 
 @hookimpl
@@ -179,17 +203,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Log in and get a bearer token",
             openapi=operation(
                 json_body({"username": STR, "password": STR}, ("username", "password")),
-                returns(
-                    obj(
-                        {
-                            "access_token": STR,
-                            "token_type": {"const": "bearer"},
-                            "expires_in": {"type": "integer"},
-                            "must_change_password": BOOL,
-                        },
-                        ("access_token", "token_type", "expires_in", "must_change_password"),
-                    )
-                ),
+                returns(obj(_TOKEN_FIELDS, _TOKEN_REQUIRED)),
             ),
         ),
         RouteSpec(
@@ -224,7 +238,11 @@ def nekobot_routes() -> Iterable[RouteSpec]:
                     {"old_password": STR, "new_password": {**STR, "minLength": 8}},
                     ("old_password", "new_password"),
                 ),
-                returns(obj({"changed": {"const": True}})),
+                returns(
+                    obj(
+                        {"changed": {"const": True}, **_TOKEN_FIELDS}, ("changed", *_TOKEN_REQUIRED)
+                    )
+                ),
             ),
         ),
     ]
