@@ -77,13 +77,8 @@ async def login(request: Request) -> JSONResponse:
         request, {"username": str, "password": str}, required=("username", "password")
     )
     username = body["username"]
-    keys = (f"ip:{_client(request)}", f"user:{username.casefold()}")
-    # Counted as a failure before the scrypt call: it runs in a thread, and logins
-    # waiting for it must already count against the limit (a success clears the count).
-    wait = service.limiter.reserve(*keys)
-    if wait > 0:
-        raise_limited(wait)
-    account = await service.check_password(username, body["password"])
+    keys = _attempt_keys(request, username)
+    account = await _limited_check(service, keys, username, body["password"])
     if account is None:
         raise ApiError(401, "wrong username or password", "invalid_credentials")
     service.limiter.succeeded(*keys)
@@ -96,6 +91,25 @@ async def login(request: Request) -> JSONResponse:
             "token_type": "bearer",
         }
     )
+
+
+def _attempt_keys(request: Request, username: str) -> tuple[str, str]:
+    """What password attempts count against: the client address and the account."""
+    return (f"ip:{_client(request)}", f"user:{username.casefold()}")
+
+
+async def _limited_check(
+    service: AuthService, keys: tuple[str, ...], username: str, password: str
+) -> dict[str, Any] | None:
+    """Check a password under the login limiter (429 when `keys` used up their tries).
+
+    The attempt is counted before the scrypt call: that runs in a thread, and attempts
+    waiting for it must already count against the limit (the caller refunds a success).
+    """
+    wait = service.limiter.reserve(*keys)
+    if wait > 0:
+        raise_limited(wait)
+    return await service.check_password(username, password)
 
 
 def _new_token(service: AuthService, username: str, must_change: bool) -> dict[str, Any]:
@@ -114,7 +128,7 @@ def raise_limited(wait: float) -> None:
     seconds = max(1, int(wait + 0.999))
     raise ApiError(
         429,
-        f"too many failed logins; retry in {seconds} s",
+        f"too many failed password attempts; retry in {seconds} s",
         "rate_limited",
         {"retry_after": seconds},
         headers={"Retry-After": str(seconds)},
@@ -138,8 +152,11 @@ async def change_password(request: Request) -> JSONResponse:
         required=("old_password", "new_password"),
     )
     username = request.scope[PRINCIPAL]["username"]
-    if await service.check_password(username, body["old_password"]) is None:
+    # A stolen token must not be a way around the login limiter to guess the password.
+    keys = _attempt_keys(request, username)
+    if await _limited_check(service, keys, username, body["old_password"]) is None:
         raise ApiError(400, "old_password is wrong", "invalid_field", {"field": "old_password"})
+    service.limiter.succeeded(*keys)
     new = body["new_password"]
     if len(new) < 8 or new == body["old_password"]:
         raise ApiError(

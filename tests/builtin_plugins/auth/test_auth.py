@@ -111,6 +111,27 @@ async def test_login_is_rate_limited_per_user(client: httpx.AsyncClient) -> None
     assert int(r.headers["Retry-After"]) > 0
 
 
+async def test_old_password_guesses_count_against_the_login_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    """A stolen token is no way around the login limiter to guess the password."""
+    token = (await _login(client)).json()["access_token"]
+
+    async def change(old: str) -> httpx.Response:
+        return await client.put(
+            "/api/account/password",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"old_password": old, "new_password": "long-enough-1"},
+        )
+
+    for _ in range(5):
+        assert (await change("guess")).status_code == 400
+    r = await change("nekobot")  # even the right one waits now
+    assert r.status_code == 429
+    assert "too many failed password attempts" in r.json()["message"]
+    assert (await _login(client)).status_code == 429  # the same account's budget
+
+
 async def test_logout_revokes_and_survives_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with running_kernel(data, builtin_plugins=BUILTINS) as k:
