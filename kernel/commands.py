@@ -202,6 +202,40 @@ class CommandRegistry:
         )
         return keys
 
+    # -- as the registry of the `commands` contribution kind -------------------------
+
+    def check(self, owner: str, specs: Sequence[CommandSpec], *, replacing: bool = False) -> None:
+        """Validate a plugin's commands (a key declared twice is a ContributionError).
+
+        A key another plugin holds is no error: command names are contested.
+        """
+        self.prepare(owner, specs)
+
+    def clashes(self, owner: str, specs: Sequence[CommandSpec]) -> list[tuple[str, str]]:
+        """The keys of `specs` another plugin holds now, as `(key, holder)`."""
+        out = []
+        for entry in self.prepare(owner, specs):
+            for key in entry.keys:
+                holder = self._holders.get(key)
+                if holder is not None and holder.owner != owner:
+                    out.append((key, holder.owner))
+        return out
+
+    def commit(
+        self,
+        owner: str,
+        specs: Sequence[CommandSpec],
+        generation: object = None,
+        *,
+        replacing: bool,
+    ) -> None:
+        """Register a generation's commands, replacing the owner's current ones if `replacing`."""
+        entries = self.prepare(owner, specs, generation)
+        if replacing:
+            self.replace_owner(owner, entries)
+        else:
+            self.add(owner, entries)
+
     # -- writing ---------------------------------------------------------------------
 
     def add(self, owner: str, entries: Sequence[CommandEntry]) -> None:

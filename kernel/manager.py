@@ -192,7 +192,7 @@ class PluginManager(GenerationOps):
             enabled=rec.enabled,
             state=rec.state,
             error=rec.error,
-            commands=tuple(e.qualified for e in gen.commands) if gen else (),
+            commands=tuple(e.qualified for e in self.kernel.commands.owned_by(name)) if gen else (),
             routes=routes,
             hooks=gen.hooks if gen else (),
             loaded_at=rec.loaded_at,

@@ -64,16 +64,6 @@ def answer():
     return "pong"
 """
 
-REGISTRIES = (
-    "commands",
-    "routes",
-    "middleware",
-    "channels",
-    "platform_types",
-    "provider_types",
-    "mcp_servers",
-)
-
 
 def hookimpl_count(pm: pluggy.PluginManager) -> int:
     """How many hookimpls are registered, over every hook."""
@@ -92,7 +82,7 @@ def snapshot(kernel: Kernel) -> dict[str, Any]:
         "pm plugins": len(plugins.pm.list_name_plugin()),
         "hook index": sum(len(v) for v in plugins.hook_index.values()),
         "module owners": len(plugins.module_owners),
-        **{name: len(getattr(kernel, name)) for name in REGISTRIES},
+        **{kind.name: len(registry) for kind, registry in kernel.registries.items()},
         "command entries": len(kernel.commands.entries()),
         "command conflicts": len(kernel.commands.conflicts()),
         "services": len(kernel.services.names()),
