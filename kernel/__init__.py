@@ -38,6 +38,7 @@ from kernel.models import (
     Sender,
     Target,
 )
+from kernel.tools import ToolDefinition, ToolError, ToolInvocation, ToolOutcome, ToolSpec
 from kernel.version import __version__
 
 __all__ = [
@@ -74,6 +75,11 @@ __all__ = [
     "Segment",
     "Sender",
     "Target",
+    "ToolDefinition",
+    "ToolError",
+    "ToolInvocation",
+    "ToolOutcome",
+    "ToolSpec",
     "__version__",
     "hookimpl",
 ]

@@ -27,6 +27,7 @@ from kernel.models import (
     RouteSpec,
 )
 from kernel.registry import OwnedRegistry
+from kernel.tools import ToolRegistry, ToolSpec
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -115,6 +116,14 @@ def exclusive(
     return ContributionKind(name, hook, spec_type, label, key, key_label, False, make, expand)
 
 
+def _tool_registry(kernel: Kernel) -> ToolRegistry:
+    async def settled(plugin: str) -> None:
+        # Looked up at call time: the registries exist before the plugin manager.
+        await kernel.plugins.settled(plugin)
+
+    return ToolRegistry(kernel.log, timeout=kernel.config.handler_timeout, settled=settled)
+
+
 def _route_items(route: RouteSpec) -> list[tuple[tuple[str, str], RouteSpec]]:
     methods: Iterable[str] = ("WS",) if route.websocket else route.methods
     return [((route.path, method.upper()), route) for method in methods]
@@ -152,6 +161,17 @@ PROVIDER_TYPES = exclusive(
     "provider_types", "nekobot_llm_provider_types", ProviderType, "LLM provider type"
 )
 MCP_SERVERS = exclusive("mcp_servers", "nekobot_mcp_servers", MCPServerSpec, "MCP server")
+TOOLS: ContributionKind[ToolSpec, ToolRegistry] = ContributionKind(
+    "tools",
+    "nekobot_llm_tools",
+    ToolSpec,
+    "tool",
+    key=lambda spec: spec.name,
+    key_label=str,
+    contested=True,
+    make_registry=lambda kernel, kind: _tool_registry(kernel),
+)
+
 
 #: Every contribution kind, in the order a load checks and commits them.
 KINDS: tuple[ContributionKind[Any, Any], ...] = (
@@ -162,6 +182,7 @@ KINDS: tuple[ContributionKind[Any, Any], ...] = (
     PLATFORM_TYPES,
     PROVIDER_TYPES,
     MCP_SERVERS,
+    TOOLS,
 )
 
 #: The contribution hook that is no kind: one JSON Schema (or None) per plugin.

@@ -34,6 +34,7 @@ from kernel.contributions import (
     PLATFORM_TYPES,
     PROVIDER_TYPES,
     ROUTES,
+    TOOLS,
     ContributionKind,
     ContributionRegistry,
 )
@@ -63,6 +64,7 @@ from kernel.settings import (
     to_json,
 )
 from kernel.storage import Storage
+from kernel.tools import ToolRegistry
 from kernel.watchdog import LoopWatchdog
 
 EventSubscriber = Callable[[KernelEvent], None]
@@ -139,6 +141,11 @@ class Kernel:
     def provider_types(self) -> OwnedRegistry[str, ProviderType]:
         """LLM provider types, by name."""
         return self.registry(PROVIDER_TYPES)
+
+    @property
+    def tools(self) -> ToolRegistry:
+        """Every tool plugins offer the model."""
+        return self.registry(TOOLS)
 
     @property
     def mcp_servers(self) -> OwnedRegistry[str, MCPServerSpec]:

@@ -18,6 +18,7 @@ import attrs
 import pluggy
 
 from kernel.calling import call_impl, impls_of
+from kernel.contributions import TOOLS
 from kernel.errors import (
     EssentialPluginError,
     NekoError,
@@ -198,6 +199,7 @@ class PluginManager(GenerationOps):
             loaded_at=rec.loaded_at,
             reload_count=rec.reload_count,
             path=str(cand.path) if cand.path else None,
+            tools=TOOLS.labels(gen.contributions.of(TOOLS)) if gen else (),
         )
 
     def infos(self) -> list[PluginInfo]:

@@ -8,7 +8,7 @@ before anything is written, `commit` swaps an owner's entries in one step, and
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -16,6 +16,71 @@ from kernel.errors import ConflictError, ContributionError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class Claim(Protocol):
+    """A claim on a contested key: it has an owner."""
+
+    @property
+    def owner(self) -> str:
+        """The plugin that claims the key."""
+
+
+C = TypeVar("C", bound=Claim)
+
+
+def elect(claims: Sequence[C], *preferred: str | None) -> C:
+    """The claim of the first `preferred` owner that has one, else the earliest claim.
+
+    How a contested registry picks the holder of a key: it passes, in order, the owners
+    it prefers (an admin's choice, the recorded holder, the current holder).
+    """
+    by_owner = {c.owner: c for c in claims}
+    for owner in preferred:
+        if owner is not None and owner in by_owner:
+            return by_owner[owner]
+    return claims[0]
+
+
+def replace_claims(
+    claims: dict[str, list[C]], owner: str, new: Mapping[str, C]
+) -> tuple[set[str], set[str]]:
+    """Swap `owner`'s claims (key -> claims in claim order) for `new` (key -> claim).
+
+    The owner keeps its place in every key it still claims, so a reload does not send
+    it to the back of a contest. Returns the keys affected and those it let go of.
+    """
+    new = dict(new)
+    affected, released = set(new), set()
+    for key, holders in list(claims.items()):
+        for i, claim in enumerate(holders):
+            if claim.owner == owner:
+                affected.add(key)
+                if key in new:
+                    holders[i] = new.pop(key)
+                else:
+                    del holders[i]
+                    released.add(key)
+                break
+        if not holders:
+            del claims[key]
+    for key, claim in new.items():
+        claims.setdefault(key, []).append(claim)
+    return affected, released
+
+
+def drop_claims(claims: dict[str, list[C]], owner: str) -> set[str]:
+    """Withdraw every claim of `owner`; return the keys it claimed."""
+    affected = set()
+    for key, holders in list(claims.items()):
+        kept = [c for c in holders if c.owner != owner]
+        if len(kept) != len(holders):
+            affected.add(key)
+            if kept:
+                claims[key] = kept
+            else:
+                del claims[key]
+    return affected
 
 
 @attrs.frozen

@@ -35,6 +35,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
         "from kernel import MCPServerSpec",
         'MCPServerSpec("ck_mcp", "stdio", command="true")',
     ),
+    "tools": ("from kernel import ToolSpec", 'ToolSpec("ck_tool", handler)'),
 }
 
 PRELUDE = """
