@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PLUGIN = EXAMPLES / "plugins" / "neko_weather"
+TOOLS_PLUGIN = EXAMPLES / "plugins" / "neko_tools"
 
 #: Files that a page must show in full.
 SHOWN_IN_FULL = {
@@ -36,6 +37,9 @@ SHOWN_IN_FULL = {
         PLUGIN / "plugin.toml",
         PLUGIN / "__init__.py",
         EXAMPLES / "test_neko_weather.py",
+        TOOLS_PLUGIN / "plugin.toml",
+        TOOLS_PLUGIN / "__init__.py",
+        EXAMPLES / "test_neko_tools.py",
     ),
     "embedding.md": (EXAMPLES / "embed_app.py",),
 }
@@ -174,8 +178,8 @@ async def test_example_plugin_runs_in_a_kernel(tmp_path: Path) -> None:
         assert await bot.receive("/weather") == []
 
 
-def test_example_tests_pass() -> None:
-    test_file = EXAMPLES / "test_neko_weather.py"
+@pytest.mark.parametrize("test_file", sorted(EXAMPLES.glob("test_*.py")), ids=lambda p: p.name)
+def test_example_tests_pass(test_file: Path) -> None:
     tests = [
         node.name
         for node in ast.parse(test_file.read_text(encoding="utf-8")).body
