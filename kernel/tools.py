@@ -131,6 +131,11 @@ class ToolOutcome:
     value: Any = None
     call_id: str = ""
 
+    @classmethod
+    def error(cls, name: str, message: str, call_id: str = "") -> ToolOutcome:
+        """An error result: what the model is told went wrong."""
+        return cls(name, message, is_error=True, call_id=call_id)
+
 
 def _serving(entry: ToolEntry) -> tuple[Gate, PluginContext | None]:
     """The gate and context of the generation that registered `entry`."""
@@ -360,7 +365,7 @@ class ToolRegistry:
         """
 
         def failure(message: str) -> ToolOutcome:
-            return ToolOutcome(name, message, is_error=True, call_id=call_id)
+            return ToolOutcome.error(name, message, call_id)
 
         if isinstance(arguments, str):
             try:
@@ -401,7 +406,7 @@ class ToolRegistry:
         call_id: str,
     ) -> ToolOutcome:
         def failure(message: str) -> ToolOutcome:
-            return ToolOutcome(name, message, is_error=True, call_id=call_id)
+            return ToolOutcome.error(name, message, call_id)
 
         spec = entry.spec
         assert ctx is not None  # an open gate: the generation has started

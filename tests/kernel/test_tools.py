@@ -341,3 +341,40 @@ async def test_a_call_during_a_reload_waits_for_the_new_generation(
             probe["release"].set()
     [outcome] = outcomes
     assert (outcome.is_error, outcome.value) == (False, 2)
+
+
+HANGING = """
+import anyio
+from kernel import ToolSpec, hookimpl
+
+async def hang(call):
+    await anyio.Event().wait()
+
+@hookimpl
+def nekobot_llm_tools():
+    return [ToolSpec("hang", hang, timeout=60)]
+"""
+
+
+@pytest.mark.anyio
+async def test_a_call_that_outlives_its_plugin_is_cancelled(
+    tmp_path: Path, plugin_dir: Path
+) -> None:
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugin_dir], handler_timeout=0.3
+    ) as kernel:
+        await add_plugin(kernel, plugin_dir, "tl_hang", HANGING)
+        outcomes = []
+
+        async def call() -> None:
+            outcomes.append(await kernel.tools.call("hang"))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                # Disabling waits `handler_timeout` for the call, then cancels it.
+                await kernel.plugins.disable("tl_hang")
+        [outcome] = outcomes
+        assert outcome.is_error
+        assert outcome.content == "tool 'hang' was cancelled: its plugin went away"
