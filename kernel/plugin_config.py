@@ -27,27 +27,17 @@ def validate_config(schema: Mapping[str, Any] | None, config: Any) -> dict[str, 
         raise ConfigError("config", "must be a JSON object")
     full = with_defaults(schema, config)
     if schema:
-        error = first_error(Draft202012Validator(schema), full)
-        if error is not None:
-            path, message = error
-            raise ConfigError(path or "config", message)
+        errors = sorted(
+            Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path)
+        )
+        if errors:
+            first = errors[0]
+            path = [str(p) for p in first.absolute_path]
+            if first.validator == "additionalProperties" and isinstance(first.instance, Mapping):
+                # Name the unknown property itself, not the object that holds it.
+                schema_ = first.schema if isinstance(first.schema, Mapping) else {}
+                known = schema_.get("properties", {})
+                extra = sorted(str(k) for k in first.instance if k not in known)
+                path += extra[:1]
+            raise ConfigError(".".join(path) or "config", first.message)
     return full
-
-
-def first_error(validator: Draft202012Validator, instance: Any) -> tuple[str, str] | None:
-    """The first error of `instance` (by path) as `(dotted path, message)`, or None.
-
-    The path of an unknown property names the property itself, not the object that
-    holds it; the path of an error about the whole instance is "".
-    """
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
-    if not errors:
-        return None
-    first = errors[0]
-    path = [str(p) for p in first.absolute_path]
-    if first.validator == "additionalProperties" and isinstance(first.instance, Mapping):
-        schema = first.schema if isinstance(first.schema, Mapping) else {}
-        known = schema.get("properties", {})
-        extra = sorted(str(k) for k in first.instance if k not in known)
-        path += extra[:1]
-    return ".".join(path), first.message

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import attrs
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, best_match
 
 from kernel.errors import ContributionError, NekoError
 from kernel.lifecycle import Gate, GateCall, GateClosedError
-from kernel.plugin_config import first_error, with_defaults
+from kernel.plugin_config import with_defaults
 from kernel.registry import drop_claims, elect, replace_claims
 
 if TYPE_CHECKING:
@@ -410,11 +410,11 @@ class ToolRegistry:
 
         spec = entry.spec
         assert ctx is not None  # an open gate: the generation has started
-        error = first_error(entry.validator, arguments)
+        error = best_match(entry.validator.iter_errors(arguments))
         if error is not None:
-            path, message = error
+            path = ".".join(str(p) for p in error.absolute_path)
             where = f"argument {path!r}: " if path else ""
-            return failure(f"invalid arguments for tool {name!r}: {where}{message}")
+            return failure(f"invalid arguments for tool {name!r}: {where}{error.message}")
         invocation = ToolInvocation(
             spec.name, with_defaults(spec.parameters, arguments), ctx, name, call_id
         )

@@ -117,7 +117,7 @@ async def test_nekobot_llm_tools_are_offered_called_and_withdrawn(
     [
         ({}, "invalid arguments for tool 'add': 'a' is a required property"),
         ({"a": "2"}, "invalid arguments for tool 'add': argument 'a': '2' is not of type"),
-        ({"a": 1, "c": 2}, "invalid arguments for tool 'add': argument 'c': Additional"),
+        ({"a": 1, "c": 2}, "invalid arguments for tool 'add': Additional properties"),
         ("{not json", "the arguments of tool 'add' are not valid JSON"),
         ("[1, 2]", "the arguments of tool 'add' must be a JSON object"),
     ],
