@@ -39,6 +39,7 @@ from kernel.models import (
     Sender,
     Target,
 )
+from kernel.tools import ToolDefinition, ToolError, ToolInvocation, ToolOutcome, ToolSpec
 from kernel.version import __version__
 
 __all__ = [
@@ -78,6 +79,11 @@ __all__ = [
     "Segment",
     "Sender",
     "Target",
+    "ToolDefinition",
+    "ToolError",
+    "ToolInvocation",
+    "ToolOutcome",
+    "ToolSpec",
     "__version__",
     "hookimpl",
     "priority",

@@ -12,54 +12,11 @@ import anyio
 import attrs
 import pluggy
 
+from kernel.contributions import CONFIG_SCHEMA_HOOK, KINDS, ContributionKind, Contributions
 from kernel.errors import ContributionError, PluginLoadError
-from kernel.hookspecs import CONTRIBUTION_HOOKS, PRIORITISED_HOOKS, all_hook_names
+from kernel.hookspecs import PRIORITISED_HOOKS, all_hook_names
 from kernel.hookspecs.markers import PRIORITY_ATTR
 from kernel.lifecycle import CallCancelledError, Gate, GateCall, GateClosedError
-from kernel.models import (
-    ChannelSpec,
-    CommandSpec,
-    MCPServerSpec,
-    MiddlewareSpec,
-    PlatformType,
-    ProviderType,
-    RouteSpec,
-)
-
-_ITEM_TYPES: dict[str, type] = {
-    "nekobot_commands": CommandSpec,
-    "nekobot_routes": RouteSpec,
-    "nekobot_http_middleware": MiddlewareSpec,
-    "nekobot_ws_channels": ChannelSpec,
-    "nekobot_platform_types": PlatformType,
-    "nekobot_llm_provider_types": ProviderType,
-    "nekobot_mcp_servers": MCPServerSpec,
-}
-
-
-@attrs.frozen
-class Contributions:
-    """Everything one plugin generation contributes through its contribution hooks."""
-
-    commands: tuple[CommandSpec, ...] = ()
-    routes: tuple[RouteSpec, ...] = ()
-    middleware: tuple[MiddlewareSpec, ...] = ()
-    channels: tuple[ChannelSpec, ...] = ()
-    platform_types: tuple[PlatformType, ...] = ()
-    provider_types: tuple[ProviderType, ...] = ()
-    mcp_servers: tuple[MCPServerSpec, ...] = ()
-    config_schema: Mapping[str, Any] | None = None
-
-
-_FIELD_OF = {
-    "nekobot_commands": "commands",
-    "nekobot_routes": "routes",
-    "nekobot_http_middleware": "middleware",
-    "nekobot_ws_channels": "channels",
-    "nekobot_platform_types": "platform_types",
-    "nekobot_llm_provider_types": "provider_types",
-    "nekobot_mcp_servers": "mcp_servers",
-}
 
 
 def impls_of(pm: pluggy.PluginManager, hook: str, pm_name: str) -> list[pluggy.HookImpl]:
@@ -72,46 +29,56 @@ def impls_of(pm: pluggy.PluginManager, hook: str, pm_name: str) -> list[pluggy.H
 
 def collect_contributions(pm: pluggy.PluginManager, pm_name: str, owner: str) -> Contributions:
     """Call each contribution hookimpl of one plugin and check what it returns."""
-    values: dict[str, Any] = {}
-    for hook in CONTRIBUTION_HOOKS:
-        for impl in impls_of(pm, hook, pm_name):
-            try:
-                result = impl.function()
-            except Exception as exc:
-                raise ContributionError(
-                    f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
-                ) from exc
-            if inspect.isawaitable(result):
-                if hasattr(result, "close"):
-                    result.close()
-                raise ContributionError(f"plugin {owner!r}: {hook} must be sync, not async")
-            if hook == "nekobot_config_schema":
-                if result is not None and not isinstance(result, Mapping):
-                    raise ContributionError(f"plugin {owner!r}: {hook} must return a mapping")
-                values["config_schema"] = result
-                continue
-            if result is None:
-                continue
-            item_type = _ITEM_TYPES[hook]
-            # A lone item of the wrong type is reported as such, not as a TypeError.
-            if isinstance(result, item_type) or not isinstance(result, Iterable):
-                items = [result]
-            else:
-                try:  # a generator runs the plugin's code only now
-                    items = list(result)
-                except Exception as exc:
-                    raise ContributionError(
-                        f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
-                    ) from exc
-            for item in items:
-                if not isinstance(item, item_type):
-                    raise ContributionError(
-                        f"plugin {owner!r}: {hook} must yield {item_type.__name__}, "
-                        f"not {type(item).__name__}"
-                    )
-            field = _FIELD_OF[hook]
-            values[field] = (*values.get(field, ()), *items)
-    return Contributions(**values)
+    specs: dict[ContributionKind[Any, Any], tuple[Any, ...]] = {}
+    for kind in KINDS:
+        for impl in impls_of(pm, kind.hook, pm_name):
+            items = _items(_contribution(impl, kind.hook, owner), kind, owner)
+            specs[kind] = (*specs.get(kind, ()), *items)
+    schema = None
+    for impl in impls_of(pm, CONFIG_SCHEMA_HOOK, pm_name):
+        schema = _contribution(impl, CONFIG_SCHEMA_HOOK, owner)
+        if schema is not None and not isinstance(schema, Mapping):
+            raise ContributionError(f"plugin {owner!r}: {CONFIG_SCHEMA_HOOK} must return a mapping")
+    return Contributions(specs, schema)
+
+
+def _contribution(impl: pluggy.HookImpl, hook: str, owner: str) -> Any:
+    """What one contribution hookimpl returns; raising or being async is a ContributionError."""
+    try:
+        result = impl.function()
+    except Exception as exc:
+        raise ContributionError(
+            f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if inspect.isawaitable(result):
+        if hasattr(result, "close"):
+            result.close()
+        raise ContributionError(f"plugin {owner!r}: {hook} must be sync, not async")
+    return result
+
+
+def _items(result: Any, kind: ContributionKind[Any, Any], owner: str) -> list[Any]:
+    """The specs in one hookimpl's result, each checked to be of the kind's type."""
+    if result is None:
+        return []
+    hook, item_type = kind.hook, kind.spec_type
+    # A lone item of the wrong type is reported as such, not as a TypeError.
+    if isinstance(result, item_type) or not isinstance(result, Iterable):
+        items = [result]
+    else:
+        try:  # a generator runs the plugin's code only now
+            items = list(result)
+        except Exception as exc:
+            raise ContributionError(
+                f"plugin {owner!r}: {hook} raised {type(exc).__name__}: {exc}"
+            ) from exc
+    for item in items:
+        if not isinstance(item, item_type):
+            raise ContributionError(
+                f"plugin {owner!r}: {hook} must yield {item_type.__name__}, "
+                f"not {type(item).__name__}"
+            )
+    return items
 
 
 _HOOK_NAMES = frozenset(all_hook_names())

@@ -17,6 +17,7 @@ import attrs
 
 from kernel.errors import CommandNotFoundError, ContributionError, NekoError
 from kernel.models import CommandConflict, CommandSpec
+from kernel.registry import drop_claims, elect, replace_claims
 
 _KEY_RE = re.compile(r"[^\s:/]{1,64}")
 # Characters on which shlex.split and str.split could disagree (quotes, escapes, and the
@@ -202,6 +203,40 @@ class CommandRegistry:
         )
         return keys
 
+    # -- as the registry of the `commands` contribution kind -------------------------
+
+    def check(self, owner: str, specs: Sequence[CommandSpec], *, replacing: bool = False) -> None:
+        """Validate a plugin's commands (a key declared twice is a ContributionError).
+
+        A key another plugin holds is no error: command names are contested.
+        """
+        self.prepare(owner, specs)
+
+    def clashes(self, owner: str, specs: Sequence[CommandSpec]) -> list[tuple[str, str]]:
+        """The keys of `specs` another plugin holds now, as `(key, holder)`."""
+        out = []
+        for entry in self.prepare(owner, specs):
+            for key in entry.keys:
+                holder = self._holders.get(key)
+                if holder is not None and holder.owner != owner:
+                    out.append((key, holder.owner))
+        return out
+
+    def commit(
+        self,
+        owner: str,
+        specs: Sequence[CommandSpec],
+        generation: object = None,
+        *,
+        replacing: bool,
+    ) -> None:
+        """Register a generation's commands, replacing the owner's current ones if `replacing`."""
+        entries = self.prepare(owner, specs, generation)
+        if replacing:
+            self.replace_owner(owner, entries)
+        else:
+            self.add(owner, entries)
+
     # -- writing ---------------------------------------------------------------------
 
     def add(self, owner: str, entries: Sequence[CommandEntry]) -> None:
@@ -221,21 +256,9 @@ class CommandRegistry:
     def replace_owner(self, owner: str, entries: Sequence[CommandEntry]) -> None:
         """Swap a plugin's commands for a new generation's, keeping its place in each claim."""
         new_by_key = {k: e for e in entries for k in self._claim_keys(e)}
-        affected = set(new_by_key)
-        for key, claims in list(self._claims.items()):
-            for i, claim in enumerate(claims):
-                if claim.owner == owner:
-                    affected.add(key)
-                    if key in new_by_key:
-                        claims[i] = new_by_key.pop(key)
-                    else:
-                        del claims[i]
-                        self._forget_record(key, owner)
-                    break
-            if not claims:
-                del self._claims[key]
-        for key, entry in new_by_key.items():
-            self._claims.setdefault(key, []).append(entry)
+        affected, released = replace_claims(self._claims, owner, new_by_key)
+        for key in released:
+            self._forget_record(key, owner)
         self._drop_qualified(owner)
         for entry in entries:
             for key in entry.keys:
@@ -252,17 +275,10 @@ class CommandRegistry:
         entries = self._by_owner.pop(owner, None)
         if entries is None:
             return 0
-        affected = set()
-        for key, claims in list(self._claims.items()):
-            kept = [c for c in claims if c.owner != owner]
-            if len(kept) != len(claims):
-                affected.add(key)
-                if transfer:
-                    self._forget_record(key, owner)
-                if kept:
-                    self._claims[key] = kept
-                else:
-                    del self._claims[key]
+        affected = drop_claims(self._claims, owner)
+        if transfer:
+            for key in affected:
+                self._forget_record(key, owner)
         self._drop_qualified(owner)
         self._elect_all(affected, record=transfer)
         return len(entries)
@@ -286,15 +302,13 @@ class CommandRegistry:
         if not claims:
             self._holders.pop(key, None)
             return
-        by_owner = {c.owner: c for c in claims}
-        choice = by_owner.get(self.resolutions.get(key, ""))
-        if choice is None:
-            choice = by_owner.get(self.records.get(key, ""))
-        if choice is None:
-            current = self._holders.get(key)
-            choice = by_owner.get(current.owner) if current else None
-        if choice is None:
-            choice = claims[0]
+        current = self._holders.get(key)
+        choice = elect(
+            claims,
+            self.resolutions.get(key),
+            self.records.get(key),
+            current.owner if current else None,
+        )
         if len(claims) > 1 and record:
             self.records[key] = choice.owner
         self._holders[key] = choice

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextvars import Token
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -21,13 +21,9 @@ import anyio.to_thread
 import attrs
 import pluggy
 
-from kernel.calling import (
-    Contributions,
-    call_impl,
-    impls_of,
-)
-from kernel.commands import CommandEntry
+from kernel.calling import call_impl, impls_of
 from kernel.context import PluginContext
+from kernel.contributions import ROUTES, Contributions
 from kernel.errors import (
     NekoError,
     PluginError,
@@ -53,7 +49,6 @@ from kernel.staging import import_generation, register_generation
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
-    from kernel.registry import OwnedRegistry
 
 STATE_SECTION = "plugins"
 CONFIG_SECTION = "plugin_config"
@@ -69,7 +64,6 @@ class Generation:
     pm_name: str
     imported: ImportedGeneration
     contributions: Contributions
-    commands: list[CommandEntry]
     config_schema: Mapping[str, Any] | None
     hooks: tuple[str, ...]
     gate: Gate = attrs.field(factory=Gate)
@@ -79,15 +73,7 @@ class Generation:
     @functools.cached_property
     def route_labels(self) -> tuple[str, ...]:
         """`METHOD /path` of every route it contributes (`WS /path` for WebSockets)."""
-        return tuple(
-            sorted(
-                {
-                    f"{m} {r.path}"
-                    for r in self.contributions.routes
-                    for m in (("WS",) if r.websocket else r.methods)
-                }
-            )
-        )
+        return ROUTES.labels(self.contributions.of(ROUTES))
 
 
 @attrs.define(eq=False)
@@ -216,7 +202,7 @@ class GenerationOps:
         rec.state, rec.error = PluginState.ACTIVE, None
         rec.loaded_at = time.time()
         self._reindex()
-        await self.kernel.persist_commands()
+        await self.kernel.persist_registries()
 
     async def _stage(self, rec: PluginRecord) -> Generation:
         """Import a new generation and check its contributions; nothing is committed."""
@@ -235,8 +221,7 @@ class GenerationOps:
             schema = contributions.config_schema or (
                 cand.manifest.config_schema if cand.manifest else None
             )
-            gen = Generation(rec.generations, pm_name, imported, contributions, [], schema, hooks)
-            gen.commands = self.kernel.commands.prepare(name, contributions.commands, gen)
+            gen = Generation(rec.generations, pm_name, imported, contributions, schema, hooks)
             self._check_registries(name, contributions, replacing=rec.generation is not None)
         except NekoError as exc:
             if self.pm.get_plugin(pm_name) is not None:
@@ -253,17 +238,13 @@ class GenerationOps:
         return gen
 
     def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
-        for registry, items in registry_items(self.kernel, c):
-            registry.check(name, items, replacing=replacing)
+        for kind, registry in self.kernel.registries.items():
+            registry.check(name, c.of(kind), replacing=replacing)
 
     def _commit_registries(self, rec: PluginRecord, gen: Generation, *, replacing: bool) -> None:
         k, c, name = self.kernel, gen.contributions, rec.name
-        if replacing:
-            k.commands.replace_owner(name, gen.commands)
-        else:
-            k.commands.add(name, gen.commands)
-        for registry, items in registry_items(k, c):
-            registry.replace_owner(name, items, gen)
+        for kind, registry in k.registries.items():
+            registry.commit(name, c.of(kind), gen, replacing=replacing)
         cand = rec.candidate
         # Builtins share their distribution's top-level package: attribute by full module.
         builtin = cand.source is PluginSource.BUILTIN
@@ -272,16 +253,8 @@ class GenerationOps:
 
     def _drop_registries(self, name: str, *, transfer: bool) -> None:
         k = self.kernel
-        k.commands.drop_owner(name, transfer=transfer)
-        for registry in (
-            k.routes,
-            k.middleware,
-            k.channels,
-            k.platform_types,
-            k.provider_types,
-            k.mcp_servers,
-        ):
-            registry.drop_owner(name)
+        for registry in k.registries.values():
+            registry.drop_owner(name, transfer=transfer)
         for module, owner in list(self.module_owners.items()):
             if owner == name:
                 del self.module_owners[module]
@@ -392,12 +365,11 @@ class GenerationOps:
             old.pm_name,
             old.imported,
             old.contributions,
-            [],
             old.config_schema,
             old.hooks,
         )
-        # The old entries point at the retired generation, whose gate stays closed.
-        restored.commands = [attrs.evolve(e, generation=restored) for e in old.commands]
+        # Committed anew: the old entries point at the retired generation, whose gate
+        # stays closed.
         self.pm.register(old.imported.module, name=old.pm_name)
         self._commit_registries(rec, restored, replacing=True)
         return restored
@@ -434,7 +406,7 @@ class GenerationOps:
             self.kernel.loader.forget(rec.candidate)
         self._reindex()
         if transfer and not self._stopping:
-            await self.kernel.persist_commands()
+            await self.kernel.persist_registries()
 
     def _reindex(self) -> None:
         index: dict[str, list[tuple[str, pluggy.HookImpl, Generation]]] = {}
@@ -502,24 +474,3 @@ def _registrable(pm: pluggy.PluginManager, module: ModuleType) -> ModuleType:
     copy = ModuleType(module.__name__)
     copy.__dict__.update(vars(module))
     return copy
-
-
-def registry_items(kernel: Kernel, c: Contributions) -> list[tuple[OwnedRegistry[Any, Any], Any]]:
-    """Each owned registry of the kernel, with what `c` would register in it."""
-    return [
-        (kernel.routes, _route_items(c)),
-        (kernel.middleware, c.middleware),
-        (kernel.channels, c.channels),
-        (kernel.platform_types, c.platform_types),
-        (kernel.provider_types, c.provider_types),
-        (kernel.mcp_servers, c.mcp_servers),
-    ]
-
-
-def _route_items(c: Contributions) -> list[tuple[tuple[str, str], Any]]:
-    items = []
-    for route in c.routes:
-        methods: Iterable[str] = ("WS",) if route.websocket else route.methods
-        for method in methods:
-            items.append(((route.path, method.upper()), route))
-    return items

@@ -41,7 +41,7 @@ from kernel.archive import (
     inspect_archive,
     remove_staging,
 )
-from kernel.calling import Contributions
+from kernel.contributions import COMMANDS, KINDS, Contributions
 from kernel.deps import (
     DependencyStatus,
     changed_distributions,
@@ -58,7 +58,7 @@ from kernel.errors import (
     PluginExistsError,
     PluginLoadError,
 )
-from kernel.generations import STATE_SECTION, registry_items
+from kernel.generations import STATE_SECTION
 from kernel.loader import PluginCandidate, shadows_module
 from kernel.manifest import check_compatible
 from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSource, PluginState
@@ -410,7 +410,7 @@ async def _staged_preview(
             _import_staged, kernel, name, manifest, staged
         )
     try:
-        commands = kernel.commands.prepare(name, contributions.commands)
+        commands = kernel.commands.prepare(name, contributions.of(COMMANDS))
     except NekoError as exc:
         raise PluginLoadError(name, exc.message) from None
     preview = tuple(kernel.commands.preview(name, commands))
@@ -420,18 +420,21 @@ async def _staged_preview(
 def _registry_conflicts(
     kernel: Kernel, name: str, c: Contributions
 ) -> tuple[RegistryConflict, ...]:
-    """The keys of `c` that another plugin holds in the kernel's owned registries.
+    """The keys of `c` that another plugin holds in the registries of exclusive kinds
+    (contested kinds, such as commands, do not fail a load: the holder keeps its name).
 
     A key declared twice by the plugin itself is a load error, as on enable. The plugin's
     own current entries (an overwrite) are no conflict: a reload replaces them.
     """
     out = []
-    for registry, items in registry_items(kernel, c):
+    for kind in KINDS:
+        if kind.contested:
+            continue
         try:
-            clashes = registry.clashes(name, items, replacing=True)
+            clashes = kernel.registries[kind].clashes(name, c.of(kind))
         except ContributionError as exc:
             raise PluginLoadError(name, str(exc)) from None
-        out += [RegistryConflict(registry.kind, registry.label(k), e.owner) for k, e in clashes]
+        out += [RegistryConflict(kind.label, key, holder) for key, holder in clashes]
     return tuple(out)
 
 

@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,6 +25,19 @@ from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
 from kernel.context import Services
+from kernel.contributions import (
+    CHANNELS,
+    COMMANDS,
+    KINDS,
+    MCP_SERVERS,
+    MIDDLEWARE,
+    PLATFORM_TYPES,
+    PROVIDER_TYPES,
+    ROUTES,
+    TOOLS,
+    ContributionKind,
+    ContributionRegistry,
+)
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.lifecycle import detach_from_calls
@@ -52,9 +65,11 @@ from kernel.settings import (
     to_json,
 )
 from kernel.storage import Storage
+from kernel.tools import ToolRegistry
 from kernel.watchdog import LoopWatchdog
 
 EventSubscriber = Callable[[KernelEvent], None]
+R = TypeVar("R", bound=ContributionRegistry)
 
 
 class Kernel:
@@ -70,25 +85,12 @@ class Kernel:
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
         self.services = Services()
-        self.commands = CommandRegistry()
-        self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry(
-            "route", lambda t: t[0], label=lambda key: f"{key[1]} {key[0]}"
-        )
-        self.middleware: OwnedRegistry[str, MiddlewareSpec] = OwnedRegistry(
-            "middleware", lambda m: m.name
-        )
-        self.channels: OwnedRegistry[str, ChannelSpec] = OwnedRegistry(
-            "WebSocket channel", lambda c: c.name
-        )
-        self.platform_types: OwnedRegistry[str, PlatformType] = OwnedRegistry(
-            "platform type", lambda p: p.name
-        )
-        self.provider_types: OwnedRegistry[str, ProviderType] = OwnedRegistry(
-            "LLM provider type", lambda p: p.name
-        )
-        self.mcp_servers: OwnedRegistry[str, MCPServerSpec] = OwnedRegistry(
-            "MCP server", lambda s: s.name
-        )
+        #: The registry of each contribution kind (see `kernel.contributions`).
+        self.registries: dict[ContributionKind[Any, Any], ContributionRegistry] = {
+            kind: kind.make_registry(self, kind) for kind in KINDS
+        }
+        #: The registry states last stored, by kind name (a load stores only a change).
+        self._stored_states: dict[str, Any] = {}
         self.bot_config = BotConfig(command_prefixes=self.config.command_prefixes)
         self.settings = Settings(hot_reload=self.config.hot_reload)
         self.logging = KernelLogging(self.id, self.config.data_dir / "logs", self.config.log_buffer)
@@ -104,6 +106,52 @@ class Kernel:
         #: Serializes settings updates: each merges into the value the previous one stored.
         self._settings_lock = anyio.Lock()
         self.running = False
+
+    # -- registries --------------------------------------------------------------------
+
+    def registry(self, kind: ContributionKind[Any, R]) -> R:
+        """The registry of one contribution kind, e.g. `kernel.registry(ROUTES)`."""
+        return cast(R, self.registries[kind])
+
+    @property
+    def commands(self) -> CommandRegistry:
+        """Every command of every active plugin."""
+        return self.registry(COMMANDS)
+
+    @property
+    def routes(self) -> OwnedRegistry[tuple[str, str], Any]:
+        """HTTP and WebSocket routes, keyed `(path, METHOD)`; an item is `(key, spec)`."""
+        return self.registry(ROUTES)
+
+    @property
+    def middleware(self) -> OwnedRegistry[str, MiddlewareSpec]:
+        """ASGI middleware, by name."""
+        return self.registry(MIDDLEWARE)
+
+    @property
+    def channels(self) -> OwnedRegistry[str, ChannelSpec]:
+        """WebSocket channels of the `/ws` hub, by name."""
+        return self.registry(CHANNELS)
+
+    @property
+    def platform_types(self) -> OwnedRegistry[str, PlatformType]:
+        """Chat platform types, by name."""
+        return self.registry(PLATFORM_TYPES)
+
+    @property
+    def provider_types(self) -> OwnedRegistry[str, ProviderType]:
+        """LLM provider types, by name."""
+        return self.registry(PROVIDER_TYPES)
+
+    @property
+    def tools(self) -> ToolRegistry:
+        """Every tool plugins offer the model."""
+        return self.registry(TOOLS)
+
+    @property
+    def mcp_servers(self) -> OwnedRegistry[str, MCPServerSpec]:
+        """MCP servers plugins ship, by name."""
+        return self.registry(MCP_SERVERS)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -173,7 +221,10 @@ class Kernel:
 
     async def _load_state(self) -> None:
         stored = await self.storage.state_items("kernel")
-        self.commands.load_state(stored.get("commands", {}))
+        for kind, registry in self.registries.items():
+            registry.load_state(stored.get(kind.name, {}))
+            if kind.name in stored:
+                self._stored_states[kind.name] = stored[kind.name]
         try:
             self.bot_config = merged(
                 self.bot_config, stored.get("bot_config", {}), BOT_CONFIG_SCHEMA
@@ -183,9 +234,17 @@ class Kernel:
             self.log.error("stored settings are invalid (%s); using defaults", exc.message)
         self._apply_log_level()
 
-    async def persist_commands(self) -> None:
-        """Store the command registry's holder records, resolutions and aliases."""
-        await self.storage.state_set("kernel", "commands", self.commands.export_state())
+    async def persist_registries(self) -> None:
+        """Store what registries keep across restarts (who holds a contested command or
+        tool name, admin resolutions and aliases); an unchanged state is not written."""
+        for kind, registry in self.registries.items():
+            state = registry.export_state()
+            if state is not None and state != self._stored_states.get(kind.name):
+                await self.storage.state_set("kernel", kind.name, state)
+                self._stored_states[kind.name] = state
+
+    #: The name the command admin API knows (it persists every registry's state).
+    persist_commands = persist_registries
 
     async def update_bot_config(
         self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any

@@ -18,6 +18,7 @@ import attrs
 import pluggy
 
 from kernel.calling import call_impl, impls_of
+from kernel.contributions import TOOLS
 from kernel.errors import (
     EssentialPluginError,
     NekoError,
@@ -192,12 +193,13 @@ class PluginManager(GenerationOps):
             enabled=rec.enabled,
             state=rec.state,
             error=rec.error,
-            commands=tuple(e.qualified for e in gen.commands) if gen else (),
+            commands=tuple(e.qualified for e in self.kernel.commands.owned_by(name)) if gen else (),
             routes=routes,
             hooks=gen.hooks if gen else (),
             loaded_at=rec.loaded_at,
             reload_count=rec.reload_count,
             path=str(cand.path) if cand.path else None,
+            tools=TOOLS.labels(gen.contributions.of(TOOLS)) if gen else (),
         )
 
     def infos(self) -> list[PluginInfo]:

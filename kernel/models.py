@@ -288,6 +288,8 @@ class PluginInfo:
     loaded_at: float | None
     reload_count: int
     path: str | None
+    #: The names of the tools it offers the model (as it declares them).
+    tools: tuple[str, ...] = ()
 
 
 @attrs.frozen

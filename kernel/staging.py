@@ -11,7 +11,8 @@ from types import ModuleType
 
 import pluggy
 
-from kernel.calling import Contributions, check_hook_names, collect_contributions
+from kernel.calling import check_hook_names, collect_contributions
+from kernel.contributions import Contributions
 from kernel.errors import NekoError, PluginError, PluginLoadError
 from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import ImportedGeneration, ModuleLoader, PluginCandidate

@@ -30,6 +30,7 @@ DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PLUGIN = EXAMPLES / "plugins" / "neko_weather"
 CHAT_PLUGINS = EXAMPLES / "chat_plugins"
+TOOLS_PLUGIN = EXAMPLES / "plugins" / "neko_tools"
 
 #: Files that a page must show in full.
 SHOWN_IN_FULL = {
@@ -40,6 +41,9 @@ SHOWN_IN_FULL = {
         CHAT_PLUGINS / "neko_greeter" / "__init__.py",
         CHAT_PLUGINS / "neko_parrot" / "__init__.py",
         EXAMPLES / "test_neko_reply_rule.py",
+        TOOLS_PLUGIN / "plugin.toml",
+        TOOLS_PLUGIN / "__init__.py",
+        EXAMPLES / "test_neko_tools.py",
     ),
     "embedding.md": (EXAMPLES / "embed_app.py",),
 }

@@ -62,6 +62,7 @@ def plugin_json(info: PluginInfo) -> dict[str, Any]:
         "commands": list(info.commands),
         "routes": list(info.routes),
         "hooks": list(info.hooks),
+        "tools": list(info.tools),
         "loaded_at": info.loaded_at,
         "reload_count": info.reload_count,
     }

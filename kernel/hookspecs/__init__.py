@@ -7,6 +7,7 @@ async; the kernel awaits each hookimpl under a time bound and isolates its error
 
 from types import ModuleType
 
+from kernel.contributions import CONFIG_SCHEMA_HOOK, KINDS
 from kernel.hookspecs import commands, config, events, http, lifecycle, llm, mcp, platforms
 from kernel.hookspecs.markers import PROJECT, Priority, hookimpl, hookspec, priority
 
@@ -21,17 +22,9 @@ SPEC_MODULES: tuple[ModuleType, ...] = (
     events,
 )
 
-#: Hooks whose results are collected per plugin when it loads (sync, pure).
-CONTRIBUTION_HOOKS: tuple[str, ...] = (
-    "nekobot_commands",
-    "nekobot_routes",
-    "nekobot_http_middleware",
-    "nekobot_ws_channels",
-    "nekobot_platform_types",
-    "nekobot_llm_provider_types",
-    "nekobot_mcp_servers",
-    "nekobot_config_schema",
-)
+#: Hooks whose results are collected per plugin when it loads (sync, pure): one per
+#: contribution kind, and the plugin's config schema.
+CONTRIBUTION_HOOKS: tuple[str, ...] = (*(kind.hook for kind in KINDS), CONFIG_SCHEMA_HOOK)
 
 #: Hooks whose implementations are called in `@priority` order (the others ignore it).
 PRIORITISED_HOOKS: tuple[str, ...] = ("nekobot_on_message",)

@@ -1,4 +1,4 @@
-"""LLM hooks: provider types and request/response interception."""
+"""LLM hooks: provider types, tools for the model, and request/response interception."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.hookspecs.markers import hookspec
 from kernel.models import ProviderType
+from kernel.tools import ToolSpec
 
 if TYPE_CHECKING:
     from kernel.context import PluginContext
@@ -18,6 +19,20 @@ def nekobot_llm_provider_types() -> Iterable[ProviderType]:
 
     Contribution hook: sync, pure, called once per load. A type name another plugin
     holds is a load error.
+    """
+
+
+@hookspec
+def nekobot_llm_tools() -> Iterable[ToolSpec]:
+    """Return the tools the plugin offers the model (function calling).
+
+    Contribution hook: sync, pure, called once per load. A tool's name must match
+    `^[A-Za-z0-9_-]{1,64}$` without `__`, and its parameters must be a JSON Schema of
+    type "object"; a bad one, or a name twice in the plugin, is a load error. A name
+    another plugin offers stays with its holder (also across reloads and restarts): the
+    newcomer's tool is reachable as `plugin__name`, and the clash is logged as a warning
+    and listed. Calls are validated against the schema, time-bounded and run inside the
+    plugin's gate; the kernel withdraws the tools when the plugin goes away.
     """
 
 

@@ -19,7 +19,8 @@ from kernel import (
     RouteSpec,
     hookimpl,
 )
-from kernel.calling import Contributions, call_each, call_impl, collect_contributions, impls_of
+from kernel.calling import call_each, call_impl, collect_contributions, impls_of
+from kernel.contributions import COMMANDS, MIDDLEWARE, ROUTES, Contributions
 from kernel.errors import ContributionError
 from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.lifecycle import Gate, GateClosedError
@@ -70,9 +71,9 @@ def test_collects_lists_single_items_and_schema() -> None:
             return {"type": "object"}
 
     got = _collect(Plugin())
-    assert [c.name for c in got.commands] == ["a", "b"]
-    assert [r.path for r in got.routes] == ["/x"]
-    assert got.middleware == ()
+    assert [c.name for c in got.of(COMMANDS)] == ["a", "b"]
+    assert [r.path for r in got.of(ROUTES)] == ["/x"]
+    assert got.of(MIDDLEWARE) == ()
     assert got.config_schema == {"type": "object"}
 
 
@@ -82,7 +83,7 @@ def test_generators_are_accepted() -> None:
         def nekobot_commands(self) -> Iterable[CommandSpec]:
             yield CommandSpec("gen", _handler)
 
-    assert [c.name for c in _collect(Plugin()).commands] == ["gen"]
+    assert [c.name for c in _collect(Plugin()).of(COMMANDS)] == ["gen"]
 
 
 @pytest.mark.parametrize(

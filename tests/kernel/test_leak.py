@@ -23,7 +23,7 @@ from tests.plugin_factory import write_plugin
 LEAKY = """
 import anyio
 from starlette.responses import PlainTextResponse
-from kernel import ChannelSpec, CommandSpec, RouteSpec, hookimpl
+from kernel import ChannelSpec, CommandSpec, RouteSpec, ToolSpec, hookimpl
 from . import sub
 
 async def ping(cmd):
@@ -48,6 +48,13 @@ def nekobot_routes():
 def nekobot_ws_channels():
     return [ChannelSpec("lk_channel")]
 
+async def lookup(call):
+    return sub.answer()
+
+@hookimpl
+def nekobot_llm_tools():
+    return [ToolSpec("lk_tool", lookup, parameters={"type": "object"})]
+
 @hookimpl
 async def nekobot_plugin_start(ctx):
     ctx.start_task(heartbeat, ctx, name="heartbeat")
@@ -63,16 +70,6 @@ SUB = """
 def answer():
     return "pong"
 """
-
-REGISTRIES = (
-    "commands",
-    "routes",
-    "middleware",
-    "channels",
-    "platform_types",
-    "provider_types",
-    "mcp_servers",
-)
 
 
 def hookimpl_count(pm: pluggy.PluginManager) -> int:
@@ -92,7 +89,7 @@ def snapshot(kernel: Kernel) -> dict[str, Any]:
         "pm plugins": len(plugins.pm.list_name_plugin()),
         "hook index": sum(len(v) for v in plugins.hook_index.values()),
         "module owners": len(plugins.module_owners),
-        **{name: len(getattr(kernel, name)) for name in REGISTRIES},
+        **{kind.name: len(registry) for kind, registry in kernel.registries.items()},
         "command entries": len(kernel.commands.entries()),
         "command conflicts": len(kernel.commands.conflicts()),
         "services": len(kernel.services.names()),
@@ -156,7 +153,8 @@ async def test_enable_disable_leaves_nothing_behind(tmp_path: Path) -> None:
         assert loaded["asgi routes"] == before["asgi routes"] + 1
         assert loaded["channels"] == before["channels"] + 1
         assert loaded["services"] == before["services"] + 1
-        assert loaded["hookimpls"] == before["hookimpls"] + 5
+        assert loaded["tools"] == before["tools"] + 1
+        assert loaded["hookimpls"] == before["hookimpls"] + 6
         assert {"lk_leaky", "lk_leaky.sub"} <= loaded["sys.modules"] - before["sys.modules"]
         module, submodule = module_refs()
         gen = weakref.ref(kernel.plugins.records["lk_leaky"].generation)  # type: ignore[arg-type]

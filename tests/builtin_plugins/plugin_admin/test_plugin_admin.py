@@ -168,6 +168,7 @@ async def test_list_shows_every_plugin_with_its_details(api: ApiServer) -> None:
             "commands",
             "routes",
             "hooks",
+            "tools",
             "loaded_at",
             "reload_count",
         }
@@ -184,6 +185,30 @@ async def test_list_shows_every_plugin_with_its_details(api: ApiServer) -> None:
         await c.post("/api/plugins/disable", json={"name": "zpa_list"})
         disabled = (await c.get("/api/plugins", params={"state": "disabled"})).json()["data"]
         assert [p["name"] for p in disabled["items"]] == ["zpa_list"]
+
+
+TOOL_PLUGIN = """
+from kernel import ToolSpec, hookimpl
+
+async def echo(call):
+    return call.arguments
+
+@hookimpl
+def nekobot_llm_tools():
+    return [ToolSpec("zpa_echo", echo), ToolSpec("zpa_alpha", echo)]
+"""
+
+
+async def test_a_plugin_shows_the_tools_it_offers(api: ApiServer) -> None:
+    async with api.authed() as c:
+        await add_plugin(api, c, "zpa_tools", TOOL_PLUGIN)
+        shown = await plugin(c, "zpa_tools")
+        assert (shown["tools"], shown["hooks"]) == (
+            ["zpa_alpha", "zpa_echo"],
+            ["nekobot_llm_tools"],
+        )
+        r = await c.post("/api/plugins/disable", json={"name": "zpa_tools"})
+        assert r.json()["data"]["plugin"]["tools"] == []
 
 
 async def test_enable_disable_reload_a_user_plugin(api: ApiServer) -> None:
