@@ -42,6 +42,7 @@ from kernel.models import (
     make_converter,
 )
 from kernel.registry import OwnedRegistry
+from kernel.reload import HotReloader
 from kernel.settings import (
     BOT_CONFIG_SCHEMA,
     SETTINGS_SCHEMA,
@@ -69,7 +70,7 @@ class Kernel:
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
         self.services = Services()
-        self.commands = CommandRegistry()
+        self.commands = CommandRegistry(self.log)
         self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry(
             "route", lambda t: t[0], label=lambda key: f"{key[1]} {key[0]}"
         )
@@ -99,7 +100,7 @@ class Kernel:
         )
         self._event_subscribers: list[EventSubscriber] = []
         self._tg: TaskGroup | None = None
-        self._reloader: Any = None
+        self._reloader: HotReloader | None = None
         #: Serializes settings updates: each merges into the value the previous one stored.
         self._settings_lock = anyio.Lock()
         self.running = False
@@ -217,10 +218,13 @@ class Kernel:
     def _apply_log_level(self) -> None:
         logging.getLogger("nekobot").setLevel(self.settings.log_level)
 
+    @property
+    def hot_reloader(self) -> HotReloader | None:
+        """The watcher of the plugin directories, while hot reload is on."""
+        return self._reloader
+
     async def start_hot_reload(self) -> None:
         """Watch the plugin directories (if not already)."""
-        from kernel.reload import HotReloader
-
         if self._reloader is None:
             self._reloader = HotReloader(self)
             await self._reloader.start()

@@ -270,6 +270,14 @@ class CommandConflict:
 
 
 @attrs.frozen
+class ReloadFailure:
+    """A reload that failed while the previous generation kept serving: what, and when."""
+
+    message: str
+    time: float
+
+
+@attrs.frozen
 class PluginInfo:
     """A snapshot of one plugin as the kernel sees it."""
 
@@ -288,6 +296,10 @@ class PluginInfo:
     loaded_at: float | None
     reload_count: int
     path: str | None
+    #: The last reload that failed, until a load of the plugin succeeds.
+    last_reload_error: ReloadFailure | None = None
+    #: The command keys it contests with other plugins.
+    conflicts: tuple[CommandConflict, ...] = ()
 
 
 @attrs.frozen
