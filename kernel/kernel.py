@@ -25,6 +25,7 @@ from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
 from kernel.context import Services
+from kernel.datadir import DataDirLock
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.lifecycle import detach_from_calls
@@ -67,6 +68,7 @@ class Kernel:
             logging.getLogger("nekobot.kernel"), {"plugin": None, "nekobot_kernel": self.id}
         )
         self.converter = make_converter()
+        self.data_lock = DataDirLock(self.config.data_dir)
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
         self.services = Services()
@@ -118,7 +120,13 @@ class Kernel:
         await anyio.to_thread.run_sync(
             lambda: self.config.data_dir.mkdir(parents=True, exist_ok=True)
         )
-        await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
+        # Before anything reads or writes the directory: a second kernel on it stops here.
+        await anyio.to_thread.run_sync(self.data_lock.acquire)
+        try:
+            await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
+        except BaseException:
+            self.data_lock.release()
+            raise
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -166,10 +174,14 @@ class Kernel:
                 await tg.__aexit__(exc_type, exc, tb)
         finally:
             with anyio.CancelScope(shield=True):
-                self.loader.uninstall()
-                await self.storage.close()
-                self.log.info("kernel %s stopped", self.id)
-                self.logging.stop()
+                try:
+                    self.loader.uninstall()
+                    await self.storage.close()
+                    self.log.info("kernel %s stopped", self.id)
+                    self.logging.stop()
+                finally:
+                    # Last: the next kernel on the directory finds the database closed.
+                    await anyio.to_thread.run_sync(self.data_lock.release)
 
     async def _load_state(self) -> None:
         stored = await self.storage.state_items("kernel")
