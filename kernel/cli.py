@@ -374,7 +374,11 @@ def is_loopback(host: str) -> bool:
 
 
 def _url_host(host: str) -> str:
-    """`host` as the host part of a URL (an IPv6 address in brackets)."""
+    """Where this machine reaches a server on `host`, as the host part of a URL."""
+    if host in ("", "0.0.0.0"):  # every interface: loopback among them
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 

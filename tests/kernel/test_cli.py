@@ -465,3 +465,20 @@ def test_a_running_bot_holds_its_data_directory(
     # Once it stopped, the offline commands work (the plugin was not disabled meanwhile).
     states = plugin_states(capsys, dirs)
     assert states[f"{PREFIX}pid"]["enabled"] is True
+
+
+@pytest.mark.parametrize(
+    ("host", "url_host"),
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("::1", "[::1]"),
+        ("192.168.1.10", "192.168.1.10"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_the_announced_address_is_one_this_machine_reaches(host: str, url_host: str) -> None:
+    from kernel.cli import _url_host
+
+    assert _url_host(host) == url_host
