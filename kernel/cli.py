@@ -9,8 +9,9 @@
 
 `plugins` commands work offline on the data directory: they start a kernel without
 hot reload or watchdog and go through the same plugin operations as the API, so an
-operation also proves that the plugin loads. A running server does not notice what
-they change until it restarts.
+operation also proves that the plugin loads. A kernel holds its data directory's lock
+while it runs (`kernel.datadir`), so they refuse while a bot runs on it and point at
+its API instead, and a second `run` on it refuses at once.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
+import anyio.to_thread
+import attrs
 
 from kernel.config import KernelConfig
+from kernel.datadir import DataDirBusyError, DataDirLock
 from kernel.errors import NekoError
 from kernel.models import CommandConflict, PluginInfo, PluginState
 from kernel.version import __version__
@@ -64,11 +68,19 @@ def _port(text: str) -> int:
     return port
 
 
+class _Parser(argparse.ArgumentParser):
+    """Wrong arguments are one line, `nekobot ...: error: ...`, and exit status 2 (the
+    usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `nekobot`."""
     # Options shared by several levels default to SUPPRESS, so that a subcommand's
     # defaults never overwrite what was given before it (`nekobot plugins --data-dir D list`).
-    dirs = argparse.ArgumentParser(add_help=False)
+    dirs = _Parser(add_help=False)
     dirs.add_argument(
         "--data-dir",
         type=Path,
@@ -86,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"user plugin directory, repeatable; installs go to the first "
         f"(default: ./{DEFAULT_PLUGIN_DIR})",
     )
-    serve = argparse.ArgumentParser(add_help=False)
+    serve = _Parser(add_help=False)
     serve.add_argument(
         "--host",
         default=argparse.SUPPRESS,
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"port to serve on (default: {KernelConfig().port})",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="NekoBot, a plugin-first chat bot. Without a command: run.",
         parents=[dirs, serve],
@@ -185,26 +197,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
     level = logging.INFO if command == "run" else logging.WARNING
-    with _console_logging(level):
+    with _console_logging(level) as console:
         try:
             if command == "run":
-                return _run(args)
+                return _run(args, console)
             if command == "admin":
                 return _admin(args)
             return _plugins(args)
         except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
-            return _report(exc)
+            return _report(exc, command)
 
 
-def _report(exc: BaseException) -> int:
+def _report(exc: BaseException, command: str) -> int:
     """Say in one line what went wrong; return the exit status."""
     if isinstance(exc, BaseExceptionGroup):
         # The kernel's task group wraps what its body raises.
         only = _single(exc)
-        return _unexpected(exc) if only is None else _report(only)
+        return _unexpected(exc) if only is None else _report(only, command)
     if isinstance(exc, KeyboardInterrupt):
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    if isinstance(exc, DataDirBusyError):
+        return _error(_busy(exc, command))
     if isinstance(exc, NekoError | CLIError):
         return _error(exc.message if isinstance(exc, NekoError) else str(exc))
     if isinstance(exc, OSError) and exc.strerror:
@@ -214,6 +228,25 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, Exception):
         return _unexpected(exc)
     raise exc
+
+
+def _busy(exc: DataDirBusyError, command: str) -> str:
+    """What to do about a data directory that a running kernel holds."""
+    pid = exc.holder.pid
+    who = f"(PID {pid})" if pid is not None else "(its PID is not known)"
+    where = str(exc.data_dir)
+    if command == "run":
+        return (
+            f"another nekobot {who} is already running on the data directory {where!r}; "
+            "stop it first, or give this one another --data-dir"
+        )
+    # Changed offline, a running bot's data would contradict what the bot does.
+    via = (
+        f"use its API or dashboard at {exc.holder.address}, or stop it first"
+        if exc.holder.address
+        else "stop it first (or wait until it is done)"
+    )
+    return f"nekobot {who} is running on the data directory {where!r}: {via}"
 
 
 def _error(message: str) -> int:
@@ -248,7 +281,7 @@ def _single(group: BaseExceptionGroup[Any]) -> BaseException | None:
 
 
 @contextmanager
-def _console_logging(level: int) -> Iterator[None]:
+def _console_logging(level: int) -> Iterator[logging.Handler]:
     """Log to stderr at `level` while the command runs (tests call `main` repeatedly)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
@@ -256,7 +289,7 @@ def _console_logging(level: int) -> Iterator[None]:
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -297,26 +330,30 @@ def _signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]
             signal.signal(sig, old)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, console: logging.Handler) -> int:
     config = config_from(args)
     stopper = _Stopper()
     with _signals(stopper):
-        return anyio.run(_serve, config, stopper)
+        return anyio.run(_serve, config, stopper, console)
 
 
-async def _serve(config: KernelConfig, stopper: _Stopper) -> int:
+async def _serve(config: KernelConfig, stopper: _Stopper, console: logging.Handler) -> int:
     import uvicorn
 
     from kernel.kernel import Kernel
     from kernel.server import uvicorn_config
 
+    if not is_loopback(config.host):
+        await _refuse_default_password(config, console)
     # The kernel is entered and left in this task, around the server it feeds.
     async with Kernel(config) as kernel:
         server = uvicorn.Server(uvicorn_config(kernel.asgi_app, config.host, config.port))
-        await _refuse_default_password_off_loopback(kernel, config.host)
         stopper.server = server
         if stopper.requested:
             return 0
+        await anyio.to_thread.run_sync(
+            kernel.data_lock.announce, f"http://{_url_host(config.host)}:{config.port}"
+        )
         try:
             await server.serve()
         except SystemExit as exc:  # uvicorn exits when it cannot bind, after logging why
@@ -336,26 +373,70 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def _refuse_default_password_off_loopback(kernel: Any, host: str) -> None:
-    """Serving beyond this machine with the default password would hand the bot away."""
-    if is_loopback(host):
-        return
-    auth = kernel.services.get("auth")
-    in_use = getattr(auth, "default_password_in_use", None)
-    if in_use is not None and await in_use():
+def _url_host(host: str) -> str:
+    """Where this machine reaches a server on `host`, as the host part of a URL."""
+    if host in ("", "0.0.0.0"):  # every interface: loopback among them
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _refuse_default_password(config: KernelConfig, console: logging.Handler) -> None:
+    """Serving beyond this machine with the default password would hand the bot away.
+
+    Asked before the bot starts, of a kernel with the auth plugin alone: no other plugin
+    starts (and connects to a chat platform, say) only to be stopped again. Its log lines
+    stay off the console, where they would read as the bot starting and stopping.
+    """
+    from kernel.kernel import Kernel
+
+    probe = Kernel(
+        attrs.evolve(
+            config,
+            builtin_plugins=("auth",),
+            entry_points=False,
+            plugin_dirs=(),
+            hot_reload=False,
+            watchdog=False,
+        )
+    )
+    quiet = _OtherKernels(probe.id)
+    console.addFilter(quiet)
+    try:
+        async with probe:
+            await probe.stop_hot_reload()  # a stored setting may have turned it on
+            auth = probe.services.get("auth")
+            in_use = getattr(auth, "default_password_in_use", None)
+            refuse = in_use is not None and await in_use()
+    finally:
+        console.removeFilter(quiet)
+    if refuse:
         raise CLIError(
-            f"refusing to listen on {host}: the account 'nekobot' still has the default "
-            f"password; change it (PUT /api/account/password, or `{PROG} admin "
+            f"refusing to listen on {config.host}: the account 'nekobot' still has the "
+            f"default password; change it (PUT /api/account/password, or `{PROG} admin "
             "reset-password`) or serve on 127.0.0.1"
         )
+
+
+class _OtherKernels(logging.Filter):
+    """Drops the records of one kernel."""
+
+    def __init__(self, kernel_id: str) -> None:
+        super().__init__()
+        self.kernel_id = kernel_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "nekobot_kernel", None) != self.kernel_id
 
 
 # -- nekobot admin -----------------------------------------------------------------------
 
 
 def _admin(args: argparse.Namespace) -> int:
-    password = _read_new_password(args.password_stdin)
     config = config_from(args, hot_reload=False, watchdog=False)
+    DataDirLock(config.data_dir).check()  # before asking for a password it cannot set
+    password = _read_new_password(args.password_stdin)
     anyio.run(_reset_password, config, args.username, password)
     print(f"password of {args.username!r} changed")
     return 0
@@ -398,6 +479,7 @@ async def _reset_password(config: KernelConfig, username: str, password: str) ->
 
 def _plugins(args: argparse.Namespace) -> int:
     config = config_from(args, hot_reload=False, watchdog=False)
+    DataDirLock(config.data_dir).check()  # before complaining about anything else
     data: bytes | None = None
     if args.action == "install":
         try:

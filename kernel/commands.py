@@ -8,6 +8,7 @@ survives reloads and restarts), the earliest claim. Registration never overwrite
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -89,10 +90,18 @@ def parse_command(text: str, prefixes: Sequence[str]) -> ParsedCommand | None:
     return None
 
 
-class CommandRegistry:
-    """Every command of every active plugin, with conflict detection."""
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
-    def __init__(self) -> None:
+
+class CommandRegistry:
+    """Every command of every active plugin, with conflict detection.
+
+    A clash (a key that a plugin claims while another claims it too) is logged as a
+    warning when it begins; a reload that claims the same keys again logs nothing.
+    """
+
+    def __init__(self, log: Log | None = None) -> None:
+        self.log: Log = log if log is not None else logging.getLogger("nekobot.kernel")
         self._claims: dict[str, list[CommandEntry]] = {}
         self._holders: dict[str, CommandEntry] = {}
         self._qualified: dict[str, CommandEntry] = {}
@@ -243,6 +252,7 @@ class CommandRegistry:
         """Register a plugin's commands (which it must not have registered yet)."""
         if owner in self._by_owner:
             raise NekoError(f"plugin {owner!r} already has commands registered")
+        before = self._claimants(k for e in entries for k in self._claim_keys(e))
         self._by_owner[owner] = list(entries)
         affected = set()
         for entry in entries:
@@ -252,10 +262,12 @@ class CommandRegistry:
             for key in entry.keys:
                 self._qualified[f"{owner}:{key}"] = entry
         self._elect_all(affected)
+        self._report_clashes(before)
 
     def replace_owner(self, owner: str, entries: Sequence[CommandEntry]) -> None:
         """Swap a plugin's commands for a new generation's, keeping its place in each claim."""
         new_by_key = {k: e for e in entries for k in self._claim_keys(e)}
+        before = self._claimants(new_by_key)
         affected, released = replace_claims(self._claims, owner, new_by_key)
         for key in released:
             self._forget_record(key, owner)
@@ -265,6 +277,7 @@ class CommandRegistry:
                 self._qualified[f"{owner}:{key}"] = entry
         self._by_owner[owner] = list(entries)
         self._elect_all(affected)
+        self._report_clashes(before)
 
     def drop_owner(self, owner: str, *, transfer: bool = True) -> int:
         """Withdraw a plugin's commands; the names it held pass to the next claimant.
@@ -282,6 +295,28 @@ class CommandRegistry:
         self._drop_qualified(owner)
         self._elect_all(affected, record=transfer)
         return len(entries)
+
+    def _claimants(self, keys: Iterable[str]) -> dict[str, set[str]]:
+        return {k: {c.owner for c in self._claims.get(k, ())} for k in keys}
+
+    def _report_clashes(self, before: Mapping[str, set[str]]) -> None:
+        """Warn of each key that a plugin now contests and did not contest before."""
+        for key, owners in before.items():
+            claims = self._claims.get(key, ())
+            if len(claims) < 2 or not {c.owner for c in claims} - owners:
+                continue
+            holder = self._holders[key]
+            others = [c for c in claims if c is not holder]
+            self.log.warning(
+                "command %r is claimed by plugins %s: %r holds it; %s stay%s reachable as %s "
+                "(GET /api/commands/conflicts to choose)",
+                key,
+                _and(repr(c.owner) for c in claims),
+                holder.owner,
+                _and(repr(c.owner) for c in others),
+                "s" if len(others) == 1 else "",
+                _and(repr(c.qualified) for c in others),
+            )
 
     def _forget_record(self, key: str, owner: str) -> None:
         if self.records.get(key) == owner:
@@ -345,9 +380,11 @@ class CommandRegistry:
             raise ValueError(f"{key!r} is already a command key of plugin {entry.owner!r}")
         if key in self.admin_aliases:  # re-pointed: the old target lets go of it first
             self.remove_alias(key)
+        before = self._claimants([key])
         self.admin_aliases[key] = entry.qualified
         self._claims.setdefault(key, []).append(entry)
         self._elect_all([key])
+        self._report_clashes(before)
 
     def remove_alias(self, alias: str) -> None:
         """Withdraw an alias an admin added."""
@@ -377,3 +414,9 @@ class CommandRegistry:
         self.records = dict(state.get("records", {}))
         self.resolutions = dict(state.get("resolutions", {}))
         self.admin_aliases = dict(state.get("aliases", {}))
+
+
+def _and(items: Iterable[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    names = list(items)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

@@ -141,7 +141,7 @@ COMMANDS: ContributionKind[CommandSpec, CommandRegistry] = ContributionKind(
     key=lambda spec: spec.name.casefold(),
     key_label=str,
     contested=True,
-    make_registry=lambda kernel, kind: CommandRegistry(),
+    make_registry=lambda kernel, kind: CommandRegistry(kernel.log),
 )
 ROUTES = exclusive(
     "routes",

@@ -43,8 +43,10 @@ from kernel.models import (
     KernelEvent,
     PluginSource,
     PluginState,
+    ReloadFailure,
 )
 from kernel.plugin_config import validate_config
+from kernel.reload import PluginFiles, plugin_files
 from kernel.staging import import_generation, register_generation
 
 if TYPE_CHECKING:
@@ -69,6 +71,8 @@ class Generation:
     gate: Gate = attrs.field(factory=Gate)
     scope: Scope | None = None
     ctx: PluginContext | None = None
+    #: The plugin directory's files as they were when it was imported (user plugins).
+    files: PluginFiles | None = None
 
     @functools.cached_property
     def route_labels(self) -> tuple[str, ...]:
@@ -88,6 +92,8 @@ class PluginRecord:
     generation: Generation | None = None
     loaded_at: float | None = None
     reload_count: int = 0
+    #: The last failed reload, kept until a load succeeds (`error` stays None meanwhile).
+    last_reload_error: ReloadFailure | None = None
     generations: int = 0
     lock: anyio.Lock = attrs.field(factory=anyio.Lock)
     idle: anyio.Event = attrs.field(factory=anyio.Event)
@@ -200,6 +206,7 @@ class GenerationOps:
         gen.imported.commit()
         rec.generation = gen
         rec.state, rec.error = PluginState.ACTIVE, None
+        rec.last_reload_error = None
         rec.loaded_at = time.time()
         self._reindex()
         await self.kernel.persist_registries()
@@ -212,6 +219,10 @@ class GenerationOps:
                 check_compatible(cand.manifest)
             except NekoError as exc:
                 raise PluginLoadError(name, exc.message) from None
+        # Before the import: an edit made during it makes the files differ afterwards.
+        files = None
+        if cand.source is PluginSource.USER and cand.path is not None:
+            files = await anyio.to_thread.run_sync(plugin_files, cand.path)
         imported = await anyio.to_thread.run_sync(import_generation, self.kernel.loader, cand)
         rec.generations += 1
         pm_name = f"{name}#{rec.generations}"
@@ -221,7 +232,9 @@ class GenerationOps:
             schema = contributions.config_schema or (
                 cand.manifest.config_schema if cand.manifest else None
             )
-            gen = Generation(rec.generations, pm_name, imported, contributions, schema, hooks)
+            gen = Generation(
+                rec.generations, pm_name, imported, contributions, schema, hooks, files=files
+            )
             self._check_registries(name, contributions, replacing=rec.generation is not None)
         except NekoError as exc:
             if self.pm.get_plugin(pm_name) is not None:
@@ -367,6 +380,7 @@ class GenerationOps:
             old.contributions,
             old.config_schema,
             old.hooks,
+            files=old.files,
         )
         # Committed anew: the old entries point at the retired generation, whose gate
         # stays closed.

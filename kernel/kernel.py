@@ -38,6 +38,7 @@ from kernel.contributions import (
     ContributionKind,
     ContributionRegistry,
 )
+from kernel.datadir import DataDirLock
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.lifecycle import detach_from_calls
@@ -56,6 +57,7 @@ from kernel.models import (
 )
 from kernel.private_files import make_data_dir
 from kernel.registry import OwnedRegistry
+from kernel.reload import HotReloader
 from kernel.settings import (
     BOT_CONFIG_SCHEMA,
     SETTINGS_SCHEMA,
@@ -78,10 +80,11 @@ class Kernel:
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()
         self.id = secrets.token_hex(4)
-        self.log = logging.LoggerAdapter(
+        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
             logging.getLogger("nekobot.kernel"), {"plugin": None, "nekobot_kernel": self.id}
         )
         self.converter = make_converter()
+        self.data_lock = DataDirLock(self.config.data_dir)
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
         self.services = Services()
@@ -102,7 +105,7 @@ class Kernel:
         )
         self._event_subscribers: list[EventSubscriber] = []
         self._tg: TaskGroup | None = None
-        self._reloader: Any = None
+        self._reloader: HotReloader | None = None
         #: Serializes settings updates: each merges into the value the previous one stored.
         self._settings_lock = anyio.Lock()
         self.running = False
@@ -164,7 +167,13 @@ class Kernel:
 
     async def __aenter__(self) -> Self:
         open_data_dir = await anyio.to_thread.run_sync(make_data_dir, self.config.data_dir)
-        await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
+        # Before anything reads or writes the directory: a second kernel on it stops here.
+        await anyio.to_thread.run_sync(self.data_lock.acquire)
+        try:
+            await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
+        except BaseException:
+            self.data_lock.release()
+            raise
         if open_data_dir is not None:
             self.log.warning("%s", open_data_dir)
         tg = anyio.create_task_group()
@@ -214,10 +223,14 @@ class Kernel:
                 await tg.__aexit__(exc_type, exc, tb)
         finally:
             with anyio.CancelScope(shield=True):
-                self.loader.uninstall()
-                await self.storage.close()
-                self.log.info("kernel %s stopped", self.id)
-                self.logging.stop()
+                try:
+                    self.loader.uninstall()
+                    await self.storage.close()
+                    self.log.info("kernel %s stopped", self.id)
+                    self.logging.stop()
+                finally:
+                    # Last: the next kernel on the directory finds the database closed.
+                    await anyio.to_thread.run_sync(self.data_lock.release)
 
     async def _load_state(self) -> None:
         stored = await self.storage.state_items("kernel")
@@ -277,10 +290,13 @@ class Kernel:
     def _apply_log_level(self) -> None:
         logging.getLogger("nekobot").setLevel(self.settings.log_level)
 
+    @property
+    def hot_reloader(self) -> HotReloader | None:
+        """The watcher of the plugin directories, while hot reload is on."""
+        return self._reloader
+
     async def start_hot_reload(self) -> None:
         """Watch the plugin directories (if not already)."""
-        from kernel.reload import HotReloader
-
         if self._reloader is None:
             self._reloader = HotReloader(self)
             await self._reloader.start()

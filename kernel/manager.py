@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -48,8 +49,10 @@ from kernel.models import (
     PluginInfo,
     PluginSource,
     PluginState,
+    ReloadFailure,
 )
 from kernel.plugin_config import validate_config, with_defaults
+from kernel.reload import plugin_files
 from kernel.staging import new_plugin_manager
 
 if TYPE_CHECKING:
@@ -177,9 +180,11 @@ class PluginManager(GenerationOps):
             raise PluginNotFoundError(name)
         return rec
 
-    def info(self, name: str) -> PluginInfo:
-        """A snapshot of one plugin."""
+    def info(self, name: str, conflicts: tuple[CommandConflict, ...] | None = None) -> PluginInfo:
+        """A snapshot of one plugin (`conflicts`: every conflict, if already at hand)."""
         rec = self.record(name)
+        if conflicts is None:
+            conflicts = tuple(self.kernel.commands.conflicts())
         cand, gen = rec.candidate, rec.generation
         manifest = cand.manifest
         routes = gen.route_labels if gen is not None else ()
@@ -200,23 +205,38 @@ class PluginManager(GenerationOps):
             reload_count=rec.reload_count,
             path=str(cand.path) if cand.path else None,
             tools=TOOLS.labels(gen.contributions.of(TOOLS)) if gen else (),
+            last_reload_error=rec.last_reload_error,
+            conflicts=_taking_part(conflicts, name),
         )
 
     def infos(self) -> list[PluginInfo]:
         """Snapshots of every plugin, by name (rebuilt only when a plugin changed)."""
-        fingerprint = tuple(
-            (n, r.state, r.enabled, r.error, r.generation, r.loaded_at, r.reload_count)
-            for n, r in sorted(self.records.items())
+        commands = self.kernel.commands
+        fingerprint = (
+            commands.version,  # conflicts change with any plugin's commands
+            *(
+                (
+                    n,
+                    r.state,
+                    r.enabled,
+                    r.error,
+                    r.generation,
+                    r.loaded_at,
+                    r.reload_count,
+                    r.last_reload_error,
+                )
+                for n, r in sorted(self.records.items())
+            ),
         )
         if self._infos_cache is None or self._infos_cache[0] != fingerprint:
-            self._infos_cache = (fingerprint, [self.info(n) for n, *_ in fingerprint])
+            conflicts = tuple(commands.conflicts())
+            infos = [self.info(n, conflicts) for n in sorted(self.records)]
+            self._infos_cache = (fingerprint, infos)
         return list(self._infos_cache[1])
 
     def conflicts_of(self, name: str) -> tuple[CommandConflict, ...]:
         """The command conflicts a plugin takes part in."""
-        return tuple(
-            c for c in self.kernel.commands.conflicts() if any(p == name for p, _ in c.candidates)
-        )
+        return _taking_part(self.kernel.commands.conflicts(), name)
 
     async def settled(self, name: str) -> None:
         """Wait until no operation is running on `name`."""
@@ -261,37 +281,53 @@ class PluginManager(GenerationOps):
             await self.kernel.emit(KernelEvent("plugin.disabled", {"name": name}, plugin=name))
         return OperationResult(self.info(name), (), changed)
 
-    async def reload(self, name: str) -> OperationResult:
+    async def reload(self, name: str, *, if_changed: bool = False) -> OperationResult:
         """Replace a plugin with a freshly imported generation, transactionally.
 
         On failure the previous generation keeps serving and ReloadError says why.
         A plugin that is not active is loaded as by `enable` (without changing `enabled`).
+        With `if_changed`, an active user plugin whose files are still those its
+        generation was imported from is left as it is (`changed` False).
         """
         rec = self.record(name)
         async with self._operation(rec):
-            serving = rec.candidate
-            await self._refresh_candidate(rec)
-            if rec.candidate.problem:
-                problem = rec.candidate.problem
-                if rec.generation is not None:
-                    rec.candidate = serving  # the generation that keeps serving came from it
-                await self._emit_failed(rec, problem)
-                raise ReloadError(name, problem)
-            if rec.generation is None:
-                await self._load(rec)
-            else:
-                try:
-                    await self._load(rec, replacing=rec.generation)
-                except NekoError as exc:
-                    if rec.generation is not None:
-                        rec.candidate = serving
-                    await self._emit_failed(rec, str(exc))
-                    raise ReloadError(
-                        name, f"reload of {name!r} failed, previous version kept: {exc.message}"
-                    ) from exc
-            rec.reload_count += 1
+            gen = rec.generation
+            if if_changed and gen is not None and gen.files is not None and rec.candidate.path:
+                now = await anyio.to_thread.run_sync(plugin_files, rec.candidate.path)
+                if now == gen.files:
+                    return OperationResult(self.info(name), self.conflicts_of(name), False)
+            try:
+                await self._reload(rec)
+            except NekoError as exc:
+                # Shown on the plugin: `error` stays None while the old generation serves.
+                rec.last_reload_error = ReloadFailure(exc.message, time.time())
+                raise
         await self.kernel.emit(KernelEvent("plugin.reloaded", {"name": name}, plugin=name))
         return OperationResult(self.info(name), self.conflicts_of(name))
+
+    async def _reload(self, rec: PluginRecord) -> None:
+        name = rec.name
+        serving = rec.candidate
+        await self._refresh_candidate(rec)
+        if rec.candidate.problem:
+            problem = rec.candidate.problem
+            if rec.generation is not None:
+                rec.candidate = serving  # the generation that keeps serving came from it
+            await self._emit_failed(rec, problem)
+            raise ReloadError(name, problem)
+        if rec.generation is None:
+            await self._load(rec)
+        else:
+            try:
+                await self._load(rec, replacing=rec.generation)
+            except NekoError as exc:
+                if rec.generation is not None:
+                    rec.candidate = serving
+                await self._emit_failed(rec, str(exc))
+                raise ReloadError(
+                    name, f"reload of {name!r} failed, previous version kept: {exc.message}"
+                ) from exc
+        rec.reload_count += 1
 
     async def delete(self, name: str, *, keep_data: bool = False) -> OperationResult:
         """Remove a user plugin: dispose it, delete its files, and its data unless kept."""
@@ -370,3 +406,7 @@ class PluginManager(GenerationOps):
                 )
         await self.kernel.emit(KernelEvent("plugin.config_changed", {"name": name}, plugin=name))
         return full
+
+
+def _taking_part(conflicts: Iterable[CommandConflict], name: str) -> tuple[CommandConflict, ...]:
+    return tuple(c for c in conflicts if any(p == name for p, _ in c.candidates))

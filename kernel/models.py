@@ -270,6 +270,14 @@ class CommandConflict:
 
 
 @attrs.frozen
+class ReloadFailure:
+    """A reload that failed while the previous generation kept serving: what, and when."""
+
+    message: str
+    time: float
+
+
+@attrs.frozen
 class PluginInfo:
     """A snapshot of one plugin as the kernel sees it."""
 
@@ -290,6 +298,10 @@ class PluginInfo:
     path: str | None
     #: The names of the tools it offers the model (as it declares them).
     tools: tuple[str, ...] = ()
+    #: The last reload that failed, until a load of the plugin succeeds.
+    last_reload_error: ReloadFailure | None = None
+    #: The command keys it contests with other plugins.
+    conflicts: tuple[CommandConflict, ...] = ()
 
 
 @attrs.frozen

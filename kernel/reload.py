@@ -6,6 +6,8 @@ leaves the previous generation serving, and the failure is logged and emitted.
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +44,32 @@ def _snapshot(root: Path) -> Snapshot:
     return out
 
 
+#: What the watcher reacts to, with how each file looked: its content is the same while
+#: (inode, size, mtime) are.
+PluginFiles = dict[str, tuple[int, int, int]]
+
+_WATCHED = watchfiles.DefaultFilter()
+
+
+def plugin_files(root: Path) -> PluginFiles:
+    """The files under a plugin's directory that the watcher watches (blocking: call it
+    from a worker thread). Directories are left out: one changes when Python writes
+    its bytecode cache into it."""
+    out: PluginFiles = {}
+    for top, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if _WATCHED(watchfiles.Change.modified, f"{top}/{d}")]
+        for name in files:
+            path = os.path.join(top, name)
+            if not _WATCHED(watchfiles.Change.modified, path):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:  # removed meanwhile
+                continue
+            out[os.path.relpath(path, root)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
 def _differences(before: Snapshot, after: Snapshot) -> list[Path]:
     """Files added, removed or modified between two snapshots."""
     return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
@@ -56,6 +84,9 @@ class HotReloader:
         self._done = anyio.Event()
         self._ready = anyio.Event()
         self.reloads = 0
+        #: (plugin, what the watcher did about its changed files), oldest first: one of
+        #: "enabled", "reloaded", "unchanged", "forgotten", "failed". Tests wait on it.
+        self.outcomes: collections.deque[tuple[str, str]] = collections.deque(maxlen=256)
 
     async def start(self) -> None:
         """Create missing plugin directories and start watching them."""
@@ -162,17 +193,27 @@ class HotReloader:
             rec = plugins.records.get(name)
             if rec is None or rec.candidate.source is not PluginSource.USER:
                 continue
+            outcome = "failed"
             try:
                 where = rec.candidate.path
                 if where is not None and not await anyio.Path(where).exists():
                     await plugins.forget_vanished(name)
+                    outcome = "forgotten"
                 elif (name in added or rec.generation is None) and rec.enabled:
-                    await plugins.enable(name)
+                    done = await plugins.enable(name)
+                    outcome = "enabled" if done.changed else "unchanged"
                 elif rec.generation is not None:
-                    await plugins.reload(name)
-                self.reloads += 1
+                    # Files the serving generation was loaded from (an upload's, say)
+                    # are no reason to load it again.
+                    done = await plugins.reload(name, if_changed=True)
+                    outcome = "reloaded" if done.changed else "unchanged"
+                else:
+                    continue
+                if outcome != "unchanged":
+                    self.reloads += 1
             except NekoError as exc:
                 self.kernel.log.warning("hot reload of %r failed: %s", name, exc.message)
             except Exception:
                 # Not a plugin's failure (disk, storage, ...): the watcher must survive it.
                 self.kernel.log.exception("hot reload of %r failed", name)
+            self.outcomes.append((name, outcome))

@@ -80,6 +80,13 @@ COMPONENTS["schemas"].update(
                 "hooks": STR_LIST,
                 "loaded_at": {"type": ["number", "null"]},
                 "reload_count": {"type": "integer", "minimum": 0},
+                "last_reload_error": {
+                    "oneOf": [
+                        {"type": "null"},
+                        obj({"message": STR, "time": {"type": "number"}}, ("message", "time")),
+                    ]
+                },
+                "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}},
             },
             ("name", "version", "source", "essential", "state", "enabled"),
         ),

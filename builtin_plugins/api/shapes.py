@@ -65,6 +65,12 @@ def plugin_json(info: PluginInfo) -> dict[str, Any]:
         "tools": list(info.tools),
         "loaded_at": info.loaded_at,
         "reload_count": info.reload_count,
+        "last_reload_error": (
+            None
+            if info.last_reload_error is None
+            else {"message": info.last_reload_error.message, "time": info.last_reload_error.time}
+        ),
+        "conflicts": [conflict_json(c) for c in info.conflicts],
     }
 
 

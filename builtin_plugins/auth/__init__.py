@@ -187,8 +187,6 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
     secret = await anyio.to_thread.run_sync(load_secret, ctx.kernel.config.data_dir)
     kernel = ctx.kernel
     service = AuthService(ctx.store, secret, lambda: kernel.settings)
-    # Sees passwords reset by the CLI while the bot runs; it waits a poll before reading.
-    ctx.start_task(service.follow_versions, ctx.log, name="auth: follow token versions")
     await service.start()
     ctx.provide(SERVICE, service)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 import secrets
 import time
@@ -31,7 +30,6 @@ DEFAULT_MARK = "default$"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 #: How often a running bot re-reads the accounts' token versions: `nekobot admin
 #: reset-password` is another process writing the same database.
-VERSION_POLL_SECONDS = 5.0
 
 
 def hash_password(password: str) -> str:
@@ -181,8 +179,8 @@ class AuthService:
             )
 
     async def load_versions(self) -> None:
-        """Read the accounts' token versions from the store (at start, and every
-        `VERSION_POLL_SECONDS` to see a password another process changed)."""
+        """Read the accounts' token versions from the store (at start: while the bot
+        runs it holds the data directory, so no other process changes a password)."""
         for key, value in (await self.store.kv_items()).items():
             if not key.startswith("account:") or not isinstance(value, dict):
                 continue
@@ -193,15 +191,6 @@ class AuthService:
                 self.not_before.pop(username, None)
             elif isinstance(value.get("tokens_after"), int) and username not in self.versions:
                 self.not_before[username] = value["tokens_after"]
-
-    async def follow_versions(self, log: logging.LoggerAdapter[logging.Logger]) -> None:
-        """Re-read the token versions every `VERSION_POLL_SECONDS`, for good."""
-        while True:
-            await anyio.sleep(VERSION_POLL_SECONDS)
-            try:
-                await self.load_versions()
-            except Exception:  # a busy or failing database must not end the watch
-                log.warning("could not re-read the token versions", exc_info=True)
 
     async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
         """Store a new password hash for `username`; every token issued before is void at

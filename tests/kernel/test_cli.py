@@ -3,6 +3,8 @@ real process."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import logging
 import os
@@ -84,8 +86,9 @@ def test_wrong_arguments_exit_2_with_a_usage_error(
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert out == ""
-    assert err.startswith("usage: nekobot")
-    assert "error: " in err.splitlines()[-1]
+    # One line, as the README promises; the usage is one `--help` away.
+    (line,) = err.splitlines()
+    assert line.startswith("nekobot") and ": error: " in line and "--help" in line
 
 
 def test_options_make_the_kernel_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,29 +282,10 @@ def test_default_directories_and_the_data_dir_variable(
 def test_run_serves_until_interrupted(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "NEKOBOT_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kernel", "run", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_bot(tmp_path, port, "--host", "127.0.0.1", env=env)
     try:
-        deadline = time.monotonic() + 15
         with httpx.Client(trust_env=False, timeout=2) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"nekobot run exited early: {proc.communicate()}")
-                try:
-                    response = client.get(f"http://127.0.0.1:{port}/api/health")
-                    if response.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("nekobot run did not answer /api/health within 15 s")
-                time.sleep(0.1)
+            response = client.get(f"http://127.0.0.1:{port}/api/health")
         assert response.json()["data"]["status"] == "ok"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=15)
@@ -355,3 +339,146 @@ def test_install_dry_run_reports_dependencies_and_route_conflicts(
     assert any(line.startswith("dependency problem: ") for line in lines)
     assert any(line.startswith("conflicts unknown: ") for line in lines)
     assert sorted(p.name for p in (tmp_path / "plugins").iterdir()) == [f"{PREFIX}routes"]
+
+
+# ------------------------------------------------------------------ what a new admin tripped on
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option of `parser` and of its subcommands, --help aside."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+        found.update(o for o in action.option_strings if o.startswith("--"))
+    return found - {"--help"}
+
+
+def test_the_readme_lists_every_option() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(o for o in _options(build_parser()) if o not in section)
+    assert not missing, f"README's command-line section does not mention {missing}"
+
+
+PID_PLUGIN = """
+import os
+import anyio
+from kernel import hookimpl
+
+@hookimpl
+async def nekobot_plugin_start(ctx):
+    # Which process started plugins: the test expects only the bot it ran.
+    async with await anyio.open_file({marker!r}, "a") as f:
+        await f.write(f"{{os.getpid()}}\\n")
+"""
+
+
+def pid_plugin(plugin_dir: Path, marker: Path) -> None:
+    write_plugin(plugin_dir, f"{PREFIX}pid", PID_PLUGIN.format(marker=str(marker)))
+
+
+def test_run_off_loopback_with_the_default_password_refuses_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, dirs: list[str]
+) -> None:
+    marker = tmp_path / "started"
+    pid_plugin(tmp_path / "plugins", marker)
+    code, _, err = run_cli(capsys, "run", "--host", "0.0.0.0", "--port", str(free_port()), *dirs)
+    assert code == 1
+    (line,) = err.splitlines()  # no kernel start and stop was logged either
+    assert "refusing to listen on 0.0.0.0" in line and "default password" in line
+    assert not marker.exists(), "a plugin was started before the refusal"
+
+
+def start_bot(
+    tmp_path: Path, port: int, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`nekobot run --port port args...` in tmp_path, once it answers /api/health."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel", "run", "--port", str(port), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nekobot run exited early: {proc.communicate()}")
+            try:
+                if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"nekobot run did not answer within 30 s: {proc.communicate()}")
+            # Polling: a process that starts has no event to wait on.
+            time.sleep(0.1)
+
+
+def test_a_running_bot_holds_its_data_directory(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    dirs: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    marker = tmp_path / "started"
+    pid_plugin(tmp_path / "plugins", marker)
+    port = free_port()
+    proc = start_bot(tmp_path, port, *dirs)
+    try:
+        # A second server refuses at once, naming the first; none of its plugins start
+        # (on the same port: without the lock, it would fail there, after starting them).
+        code, _, err = run_cli(capsys, "run", "--port", str(port), *dirs)
+        assert code == 1
+        (line,) = err.splitlines()
+        assert f"another nekobot (PID {proc.pid}) is already running" in line
+        assert marker.read_text() == f"{proc.pid}\n"
+        # Offline commands say what to do instead of changing the bot's data behind it.
+        for argv in (
+            ["plugins", "list"],
+            ["plugins", "disable", f"{PREFIX}pid"],
+            ["plugins", "install", str(tmp_path / "missing.zip")],
+        ):
+            code, out, err = run_cli(capsys, *argv, *dirs)
+            assert (code, out) == (1, ""), argv
+            (line,) = err.splitlines()
+            assert f"nekobot (PID {proc.pid}) is running on the data directory" in line, argv
+            assert f"use its API or dashboard at http://127.0.0.1:{port}" in line, argv
+        # Refused before it asks for the password.
+        monkeypatch.setattr("sys.stdin", io.StringIO("a-new-password\n"))
+        code, _, err = run_cli(capsys, "admin", "reset-password", "--password-stdin", *dirs)
+        assert code == 1 and f"(PID {proc.pid}) is running" in err
+        assert sys.stdin.read() == "a-new-password\n"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    # Once it stopped, the offline commands work (the plugin was not disabled meanwhile).
+    states = plugin_states(capsys, dirs)
+    assert states[f"{PREFIX}pid"]["enabled"] is True
+
+
+@pytest.mark.parametrize(
+    ("host", "url_host"),
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("::1", "[::1]"),
+        ("192.168.1.10", "192.168.1.10"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_the_announced_address_is_one_this_machine_reaches(host: str, url_host: str) -> None:
+    from kernel.cli import _url_host
+
+    assert _url_host(host) == url_host

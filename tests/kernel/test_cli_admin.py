@@ -137,39 +137,3 @@ def test_reset_password_voids_tokens_of_the_same_second(
         assert not anyio.run(valid, token)
         token = anyio.run(issue)
         assert anyio.run(valid, token)
-
-
-@pytest.mark.anyio
-async def test_reset_password_reaches_a_running_bot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import anyio
-
-    from builtin_plugins.auth import service
-
-    monkeypatch.setattr(service, "VERSION_POLL_SECONDS", 0.05)
-    polled = anyio.Condition()
-    load_versions = service.AuthService.load_versions
-
-    async def load_and_tell(self: service.AuthService) -> None:
-        await load_versions(self)
-        async with polled:
-            polled.notify_all()
-
-    monkeypatch.setattr(service.AuthService, "load_versions", load_and_tell)
-    data = tmp_path / "data"
-    async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
-        auth = kernel.services.get("auth")
-        token, _ = auth.issue("nekobot")
-        exe = Path(sys.executable).with_name("nekobot")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kernel"]
-        argv = [*cmd, "admin", "reset-password", "--password-stdin", "--data-dir", str(data)]
-        # Another process, as an admin would run it next to the bot.
-        proc = await anyio.run_process(argv, input=b"brand-new-secret\n", check=False)
-        assert proc.returncode == 0, proc.stderr
-        with anyio.fail_after(10):
-            async with polled:  # the second poll from now started after the reset
-                for _ in range(2):
-                    await polled.wait()
-        assert auth.verify(token) is None
-        assert auth.verify(auth.issue("nekobot")[0]) is not None

@@ -440,3 +440,48 @@ def test_an_alias_is_claimed_once_per_plugin_and_can_be_repointed() -> None:
     found = registry.lookup("x")
     assert found is not None and found.name == "b" and found in new
     assert registry.conflicts() == []
+
+
+# -- clashes are logged ---------------------------------------------------------------
+
+
+def _clash_warnings(kernel: Kernel) -> list[str]:
+    return [
+        r.message
+        for r in kernel.logging.buffer.records
+        if r.level == "WARNING" and "is claimed by plugins" in r.message
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_clash_is_logged_once_naming_both_plugins_and_the_key(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "clash_a", commands_plugin('CommandSpec("Clashing", echo)'))
+    write_plugin(plugins, "clash_b", commands_plugin('CommandSpec("clashing", echo)'))
+    write_plugin(plugins, "clash_c", commands_plugin('CommandSpec("peaceful", echo)'))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        (message,) = _clash_warnings(kernel)
+        assert message == (
+            "command 'clashing' is claimed by plugins 'clash_a' and 'clash_b': 'clash_a' "
+            "holds it; 'clash_b' stays reachable as 'clash_b:clashing' "
+            "(GET /api/commands/conflicts to choose)"
+        )
+        # Reloading either side claims the same key again: the clash is not new.
+        await kernel.plugins.reload("clash_a")
+        await kernel.plugins.reload("clash_b")
+        assert len(_clash_warnings(kernel)) == 1
+        # It ends with the plugin that left, and is told again when it begins again.
+        await kernel.plugins.disable("clash_b")
+        await kernel.plugins.enable("clash_b")
+        assert len(_clash_warnings(kernel)) == 2
+        # A reload that adds a contested key is a new clash.
+        write_plugin(
+            plugins,
+            "clash_c",
+            commands_plugin('CommandSpec("peaceful", echo, aliases=("clashing",))'),
+        )
+        await kernel.plugins.reload("clash_c")
+        latest = _clash_warnings(kernel)[-1]
+        assert "'clash_a', 'clash_b' and 'clash_c'" in latest
+        assert "'clash_b' and 'clash_c' stay reachable" in latest
+        assert len(_clash_warnings(kernel)) == 3

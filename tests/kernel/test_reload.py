@@ -550,11 +550,11 @@ async def test_hot_reload_survives_an_unexpected_error(
         real_reload = kernel.plugins.reload
         calls: list[str] = []
 
-        async def flaky_reload(name: str) -> object:
+        async def flaky_reload(name: str, **options: bool) -> object:
             calls.append(name)
             if len(calls) == 1:
                 raise OSError("disk hiccup")
-            return await real_reload(name)
+            return await real_reload(name, **options)
 
         monkeypatch.setattr(kernel.plugins, "reload", flaky_reload)
         replace_file(path / "__init__.py", hot_code("v2", command="rl_sturdy"))
@@ -768,3 +768,97 @@ async def test_an_edit_before_a_returned_root_is_watched_again_is_not_missed(
 
 async def _forgotten(kernel: Kernel, name: str) -> bool:
     return name not in kernel.plugins.records
+
+
+# -- what an admin sees, and uploads under the watcher ----------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_failed_hot_reload_is_recorded_on_the_plugin_until_one_succeeds(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    path = write_plugin(plugins, "rl_rec", hot_code("v1", command="rl_rec"))
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], hot_reload=True, reload_debounce_ms=50
+    ) as kernel:
+        assert kernel.plugins.info("rl_rec").last_reload_error is None
+        replace_file(path / "__init__.py", "def (\n")
+
+        async def recorded() -> bool:
+            return kernel.plugins.info("rl_rec").last_reload_error is not None
+
+        assert await eventually(recorded)
+        info = kernel.plugins.info("rl_rec")
+        assert info.state is PluginState.ACTIVE and info.error is None
+        assert info.last_reload_error is not None
+        assert "SyntaxError" in info.last_reload_error.message
+        assert "previous version kept" in info.last_reload_error.message
+
+        replace_file(path / "__init__.py", hot_code("v2", command="rl_rec"))
+
+        async def cleared() -> bool:
+            return kernel.plugins.info("rl_rec").last_reload_error is None
+
+        assert await eventually(cleared)
+        assert kernel.plugins.info("rl_rec").reload_count == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+async def test_an_upload_with_enable_is_one_generation_under_the_watcher(
+    tmp_path: Path, overwrite: bool
+) -> None:
+    from tests.builtin_plugins.plugin_admin.test_upload import command_code, plugin_zip, upload
+    from tests.plugin_factory import purge_modules
+
+    purge_modules("rl_up")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    if overwrite:
+        write_plugin(plugins, "rl_up", hot_code("old", command="rl_up"))
+    async with running_kernel(
+        tmp_path / "data",
+        plugin_dirs=[plugins],
+        builtin_plugins=["api", "auth", "plugin_admin"],
+        hot_reload=True,
+        reload_debounce_ms=50,
+    ) as kernel:
+        reloader = kernel.hot_reloader
+        assert reloader is not None
+        token, _ = kernel.services.get("auth").issue("nekobot")
+        transport = httpx.ASGITransport(app=kernel.asgi_app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://nekobot.test",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
+            r = await upload(
+                client,
+                plugin_zip("rl_up", command_code("rl_up", "new")),
+                enable="true",
+                overwrite="true" if overwrite else "false",
+            )
+        assert r.is_success, r.text
+        first = kernel.plugins.info("rl_up")
+        assert first.state is PluginState.ACTIVE
+
+        async def watcher_saw_it() -> bool:
+            return any(name == "rl_up" for name, _ in reloader.outcomes)
+
+        # The watcher saw the files the upload put there, and left the plugin alone.
+        assert await eventually(watcher_saw_it)
+        assert [o for n, o in reloader.outcomes if n == "rl_up"] == ["unchanged"]
+        after = kernel.plugins.info("rl_up")
+        assert after.reload_count == first.reload_count
+        assert after.loaded_at == first.loaded_at
+        bot = MockBot(kernel)
+        assert await bot.receive("/rl_up") == ["new"]
+        # An edit afterwards is still picked up.
+        replace_file(plugins / "rl_up" / "__init__.py", command_code("rl_up", "edited"))
+
+        async def reloaded() -> bool:
+            return ("rl_up", "reloaded") in reloader.outcomes
+
+        assert await eventually(reloaded)
+        assert await bot.receive("/rl_up") == ["edited"]
