@@ -1,5 +1,13 @@
 """NekoBot's microkernel: hookspecs, the plugin lifecycle, registries and the pipeline."""
 
+from kernel.adapter import (
+    Adapter,
+    AdapterStats,
+    Capabilities,
+    PlatformContext,
+    PlatformInstance,
+    SendResult,
+)
 from kernel.config import KernelConfig
 from kernel.context import PluginContext
 from kernel.errors import (
@@ -21,26 +29,41 @@ from kernel.errors import (
 from kernel.hookspecs import hookimpl
 from kernel.kernel import Kernel
 from kernel.models import (
+    Audio,
     ChannelSpec,
     CommandInvocation,
     CommandSpec,
+    File,
+    Forward,
+    ForwardNode,
+    Image,
     KernelEvent,
     MCPServerSpec,
+    Mention,
+    MentionAll,
     MessageEvent,
     MiddlewareSpec,
     PlatformType,
     PluginSource,
     PluginState,
     ProviderType,
+    Quote,
+    Raw,
     Reply,
     RouteSpec,
     Segment,
     Sender,
     Target,
+    Text,
+    Video,
 )
 from kernel.version import __version__
 
 __all__ = [
+    "Adapter",
+    "AdapterStats",
+    "Audio",
+    "Capabilities",
     "ChannelSpec",
     "CommandInvocation",
     "CommandNotFoundError",
@@ -50,15 +73,23 @@ __all__ = [
     "ContributionError",
     "DisposedError",
     "EssentialPluginError",
+    "File",
+    "Forward",
+    "ForwardNode",
+    "Image",
     "InstallError",
     "Kernel",
     "KernelConfig",
     "KernelEvent",
     "MCPServerSpec",
     "ManifestError",
+    "Mention",
+    "MentionAll",
     "MessageEvent",
     "MiddlewareSpec",
     "NekoError",
+    "PlatformContext",
+    "PlatformInstance",
     "PlatformType",
     "PluginContext",
     "PluginError",
@@ -68,12 +99,17 @@ __all__ = [
     "PluginSource",
     "PluginState",
     "ProviderType",
+    "Quote",
+    "Raw",
     "ReloadError",
     "Reply",
     "RouteSpec",
     "Segment",
+    "SendResult",
     "Sender",
     "Target",
+    "Text",
+    "Video",
     "__version__",
     "hookimpl",
 ]

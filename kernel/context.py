@@ -16,7 +16,7 @@ from kernel.storage import PluginStore
 if TYPE_CHECKING:
     import httpx
 
-    from kernel.events import Adapter
+    from kernel.adapter import Adapter
     from kernel.kernel import Kernel
 
 T = TypeVar("T")

@@ -24,13 +24,15 @@ from kernel import (
     ConfigError,
     KernelEvent,
     MessageEvent,
+    PlatformInstance,
     PluginLoadError,
     PluginState,
     Reply,
-    Segment,
     Sender,
     Target,
+    Text,
 )
+from kernel.adapter import open_platform
 from kernel.asgi import PRINCIPAL
 from kernel.calling import call_impl
 from kernel.hookspecs import CONTRIBUTION_HOOKS, SPEC_MODULES, all_hook_names
@@ -612,45 +614,64 @@ async def test_nekobot_platform_types_registered_and_their_adapters_dispatch(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
     code = """
-    from kernel import PlatformType, hookimpl
+    from kernel import Capabilities, PlatformType, SendResult, hookimpl
 
     class Adapter:
-        def __init__(self, instance):
-            self.instance = instance
+        capabilities = Capabilities()
+
+        def __init__(self, ctx, instance):
+            self.ctx = ctx
             self.outbox = []
+
+        @property
+        def stats(self):
+            return self.ctx.stats.snapshot()
+
+        async def start(self):
+            self.ctx.stats.set_status("running")
+
+        async def stop(self):
+            self.ctx.stats.set_status("stopped")
 
         async def send(self, target, reply):
             self.outbox.append((target.chat_id, reply.plain_text))
+            return SendResult((str(len(self.outbox)),))
 
     @hookimpl
     def nekobot_platform_types():
-        return [PlatformType("doc_chat", lambda ctx, instance: Adapter(instance),
-                             config_schema={"type": "object"})]
+        return [PlatformType("doc_chat", Adapter, config_schema={"type": "object"})]
     """
     await add_plugin(kernel, plugin_dir, "doc_platform_types", code)
     entry = kernel.platform_types.get("doc_chat")
     assert entry is not None and entry.owner == "doc_platform_types"
 
-    # What the platforms plugin does with a type: build an adapter, attach it, dispatch.
-    adapter = entry.item.factory(None, "doc-1")
-    detach = kernel.pipeline.attach("doc-1", adapter)
+    # What the platforms plugin does with an instance of the type: open it, start it;
+    # the adapter then delivers what it receives.
+    handle = open_platform(kernel, PlatformInstance("doc-1", "doc_chat"))
+    adapter: Any = handle.adapter
+    await adapter.start()
     event = MessageEvent(
         platform="doc_chat",
         instance="doc-1",
         chat_type="group",
         chat_id="room",
         sender=Sender("u1", "Neko"),
-        segments=(Segment.text("/help help"),),
+        segments=(Text("/help help"),),
     )
-    assert await kernel.dispatch(event, adapter) == 1
+    assert await handle.context.deliver(event) == 1
     assert adapter.outbox[0][0] == "room"
     assert adapter.outbox[0][1].startswith("/help")
-    await kernel.pipeline.send(Target("doc-1", "group", "room"), Reply.text("hi"))
+    sent = await kernel.pipeline.send(Target("doc-1", "group", "room"), Reply.text("hi"))
+    assert sent.message_ids == ("2",)
     assert adapter.outbox[-1] == ("room", "hi")
-    detach()
+    stats = handle.stats
+    assert (stats.status, stats.received, stats.sent, stats.errors) == ("running", 1, 2, 0)
 
+    # Going away, the plugin takes its instances with it: stopped and detached.
     await kernel.plugins.disable("doc_platform_types")
     assert kernel.platform_types.get("doc_chat") is None
+    assert handle.closed and handle.stats.status == "stopped"
+    assert "doc-1" not in kernel.pipeline.adapters
 
 
 @pytest.mark.anyio
