@@ -11,7 +11,7 @@ received `MessageEvent` with `await ctx.deliver(event)`, and the kernel calls
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import attrs
@@ -39,7 +39,7 @@ def _mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return dict(value or {})
 
 
-def _segment_types(value: Sequence[str] | frozenset[str]) -> frozenset[str]:
+def _segment_types(value: Iterable[str]) -> frozenset[str]:
     types = frozenset(value) | {"text"}  # every adapter sends text: it is what degrades to
     unknown = types - SEGMENT_TYPES.keys()
     if unknown:

@@ -171,7 +171,7 @@ class ForwardNode:
 
     def as_text(self) -> str:
         """`name: text`, the node as one line of plain text."""
-        text = plain_text(self.segments)
+        text = "".join(s.as_text() for s in self.segments)
         who = self.sender.name or self.sender.id if self.sender is not None else ""
         return f"{who}: {text}" if who else text
 
@@ -346,25 +346,34 @@ def _sendable(seg: Segment, supported: Container[str], raw_kinds: Container[str]
 def register_message_hooks(conv: cattrs.Converter) -> None:
     """Teach `conv` the segments: each (un)structures as a mapping whose `type` names its
     class (`{"type": "text", "text": "hi"}`); fields left at their default are omitted."""
+    register_tagged_union(conv, Segment, SEGMENT_TYPES, "segment")
+
+
+def register_tagged_union(
+    conv: cattrs.Converter, union: Any, classes: Mapping[str, type], what: str
+) -> None:
+    """(Un)structure the attrs classes of `union` as mappings with a `type` key naming the
+    class (`classes` maps each tag to its class); defaults are left out. `what` names a
+    member in the error for an unknown tag."""
     unstructure: dict[type, Callable[[Any], dict[str, Any]]] = {}
     structure: dict[str, Callable[[Any, Any], Any]] = {}
 
-    def structure_segment(value: Any, _: Any) -> Segment:
+    def structure_member(value: Any, _: Any) -> Any:
         if not isinstance(value, Mapping):
-            raise ValueError(f"a segment must be an object, not {type(value).__name__}")
+            raise ValueError(f"a {what} must be an object, not {type(value).__name__}")
         tag = value.get("type")
         if not isinstance(tag, str) or tag not in structure:
-            known = ", ".join(SEGMENT_TYPES)
-            raise ValueError(f"unknown segment type {tag!r} (known: {known})")
-        segment: Segment = structure[tag](value, SEGMENT_TYPES[tag])
-        return segment
+            raise ValueError(f"unknown {what} type {tag!r} (known: {', '.join(classes)})")
+        return structure[tag](value, classes[tag])
 
-    # The union hooks first: a forward's nodes hold segments, so the per-class functions
-    # made below look them up.
-    conv.register_structure_hook_func(lambda t: t == Segment, structure_segment)
-    conv.register_unstructure_hook_func(lambda t: t == Segment, lambda v: unstructure[type(v)](v))
-    for tag, cls in SEGMENT_TYPES.items():
-        fn = make_dict_unstructure_fn(cls, conv, _cattrs_omit_if_default=True)
+    # The union hooks first: a member may hold members (a forward's nodes hold segments),
+    # so the per-class functions made below look them up.
+    conv.register_structure_hook_func(lambda t: t == union, structure_member)
+    conv.register_unstructure_hook_func(lambda t: t == union, lambda v: unstructure[type(v)](v))
+    for tag, cls in classes.items():
+        fn: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(
+            cls, conv, _cattrs_omit_if_default=True
+        )
         unstructure[cls] = _tagged(tag, fn)
         conv.register_unstructure_hook(cls, unstructure[cls])
         structure[tag] = make_dict_structure_fn(cls, conv)

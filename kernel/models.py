@@ -12,6 +12,7 @@ import cattrs
 
 from kernel.adapter import PlatformType
 from kernel.config import str_tuple
+from kernel.llm import ProviderType, register_llm_hooks
 from kernel.messages import (
     Audio,
     ChatType,
@@ -37,8 +38,8 @@ from kernel.messages import (
 if TYPE_CHECKING:
     from kernel.context import PluginContext
 
-# The message model and the platform record live in their own modules; they are
-# re-exported here, where hook signatures have always found them.
+# The message model and the platform and provider records live in their own modules;
+# they are re-exported here, where hook signatures have always found them.
 __all__ = [
     "Audio",
     "ChannelSpec",
@@ -146,16 +147,6 @@ class ChannelSpec:
 
 
 @attrs.frozen
-class ProviderType:
-    """An LLM provider type: `factory(ctx, instance)` returns a provider."""
-
-    name: str
-    factory: Callable[..., Any] = attrs.field(repr=False)
-    config_schema: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
-    description: str = ""
-
-
-@attrs.frozen
 class MCPServerSpec:
     """An MCP server a plugin ships."""
 
@@ -257,4 +248,5 @@ def make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(PluginSource, lambda v: v.value)
     conv.register_unstructure_hook(PluginState, lambda v: v.value)
     register_message_hooks(conv)
+    register_llm_hooks(conv)
     return conv
