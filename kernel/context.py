@@ -16,7 +16,7 @@ from kernel.storage import PluginStore
 if TYPE_CHECKING:
     import httpx
 
-    from kernel.adapter import Adapter
+    from kernel.adapter import Adapter, SendResult
     from kernel.kernel import Kernel
 
 T = TypeVar("T")
@@ -185,9 +185,10 @@ class PluginContext:
         publish(channel, data)
         return 1
 
-    async def send(self, target: Target, message: Reply | str) -> None:
-        """Send a message through the platform instance that `target` names."""
+    async def send(self, target: Target, message: Reply | str) -> SendResult:
+        """Send a message through the platform instance that `target` names; returns the
+        platform's ids of the messages sent."""
         if self.scope.closed:
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot send")
         reply = Reply.text(message) if isinstance(message, str) else message
-        await self._kernel.pipeline.send(target, reply)
+        return await self._kernel.pipeline.send(target, reply)

@@ -205,8 +205,11 @@ async def test_the_loopback_example_round_trips_through_the_pipeline(kernel: Ker
         Target("loop-1", "group", "hall"), Reply.text("a reply that is too long")
     )
     assert sent == SendResult(("4", "5"))
+    assert await handle.context.plugin.send(Target("loop-1", "group", "hall"), "hey") == (
+        SendResult(("6",))
+    )
     stats = handle.stats
-    assert (stats.received, stats.sent, stats.errors, stats.last_error) == (2, 5, 0, None)
+    assert (stats.received, stats.sent, stats.errors, stats.last_error) == (2, 6, 0, None)
 
     # A send that fails is counted, and raised to whoever sent.
     async def broken(target: Target, reply: Reply) -> SendResult:
