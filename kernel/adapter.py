@@ -265,6 +265,7 @@ class PlatformContext:
         self.instance = instance
         self.stats = StatsRecorder()
         self.adapter: Adapter | None = None
+        self.closed = False
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -276,6 +277,10 @@ class PlatformContext:
         replies go back through this instance's adapter); returns the replies sent."""
         if self.adapter is None:
             raise RuntimeError("deliver() before the factory returned the adapter")
+        if self.closed:
+            # stop() must end the reading before it returns; a message read after it
+            # would be answered through an adapter that is gone.
+            raise RuntimeError(f"platform instance {self.instance.id!r} is closed")
         if event.instance != self.instance.id:
             raise ValueError(
                 f"event of instance {event.instance!r} delivered by {self.instance.id!r}"
@@ -322,7 +327,7 @@ class PlatformHandle:
         """Stop the adapter and detach it from the pipeline; idempotent."""
         if self.closed:
             return
-        self.closed = True
+        self.closed = self.context.closed = True
         self._withdraw()
         try:
             await self.adapter.stop()

@@ -138,15 +138,6 @@ def _tools(value: Iterable[ToolDefinition]) -> tuple[ToolDefinition, ...]:
     return tuple(value)
 
 
-def _check_message(message: ChatMessage, _: Any, __: Any) -> None:
-    if message.role not in _ROLES:
-        raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {message.role!r}")
-    if message.tool_calls and message.role != "assistant":
-        raise ValueError(f"a {message.role} message cannot carry tool calls")
-    if message.role == "tool" and not message.tool_call_id:
-        raise ValueError("a tool message needs the tool_call_id it answers")
-
-
 @attrs.frozen
 class ChatMessage:
     """One message of a conversation with the model. `content` may be given as a str.
@@ -161,7 +152,12 @@ class ChatMessage:
     name: str = ""
 
     def __attrs_post_init__(self) -> None:
-        _check_message(self, None, None)
+        if self.role not in _ROLES:
+            raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {self.role!r}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
 
     @classmethod
     def system(cls, text: str) -> ChatMessage:
@@ -452,7 +448,7 @@ class ProviderError(NekoError):
     retryable: ClassVar[bool] = False
     what: ClassVar[str] = "failed"
 
-    def __init__(self, provider: str = "", detail: str = "", *, status: int | None = None):
+    def __init__(self, provider: str = "", detail: str = "", *, status: int | None = None) -> None:
         self.provider = provider
         self.detail = " ".join(detail.split())[:500]  # one line, and never a whole page
         self.status = status
@@ -478,7 +474,7 @@ class UnknownModelError(ProviderError):
 
     code = "provider_unknown_model"
 
-    def __init__(self, provider: str = "", model: str = "", detail: str = "", **kw: Any):
+    def __init__(self, provider: str = "", model: str = "", detail: str = "", **kw: Any) -> None:
         self.model = model
         super().__init__(provider, detail, **kw)
 
@@ -494,7 +490,7 @@ class RateLimitedError(ProviderError):
 
     def __init__(
         self, provider: str = "", detail: str = "", *, retry_after: float | None = None, **kw: Any
-    ):
+    ) -> None:
         self.retry_after = retry_after
         super().__init__(provider, detail, **kw)
 

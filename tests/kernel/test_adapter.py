@@ -233,6 +233,10 @@ async def test_the_loopback_example_round_trips_through_the_pipeline(kernel: Ker
     await handle.close()  # idempotent
     assert handle.closed and handle.stats.status == "stopped"
     assert "loop-1" not in kernel.pipeline.adapters
+    # A message read after the close has nowhere to go.
+    adapter.ctx.stats.set_status("running")
+    with pytest.raises(RuntimeError, match="platform instance 'loop-1' is closed"):
+        await adapter.receive("room", "/echo late")
 
 
 @pytest.mark.anyio
