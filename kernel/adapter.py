@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
+from kernel.config import mapping_copy
 from kernel.messages import (
     SEGMENT_TYPES,
     Forward,
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 
     from kernel.context import PluginContext
     from kernel.kernel import Kernel
-
-
-def _mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return dict(value or {})
 
 
 def _segment_types(value: Iterable[str]) -> frozenset[str]:
@@ -251,7 +248,7 @@ class PlatformInstance:
 
     id: str
     type: str
-    config: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    config: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
     name: str = ""
 
 
@@ -300,7 +297,7 @@ class PlatformType:
 
     name: str
     factory: PlatformFactory = attrs.field(repr=False)
-    config_schema: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    config_schema: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
     description: str = ""
 
 

@@ -16,11 +16,9 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
+from kernel.config import mapping_copy
+
 ChatType = Literal["private", "group", "channel"]
-
-
-def _mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return dict(value or {})
 
 
 def _media_label(kind: str, url: str, name: str) -> str:
@@ -72,7 +70,7 @@ class Quote:
 
     type: ClassVar[Literal["quote"]] = "quote"
     message_id: str
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
 
     def as_text(self) -> str:
         """A quote has no text of its own: a text-only client drops it."""
@@ -94,7 +92,7 @@ class Image:
     mime: str = ""
     size: int | None = None
     file_id: str = ""
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
 
     @classmethod
     def from_bytes(cls, data: bytes, mime: str = "image/png", name: str = "") -> Image:
@@ -116,7 +114,7 @@ class File:
     mime: str = ""
     size: int | None = None
     file_id: str = ""
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
 
     def as_text(self) -> str:
         """The segment as plain text."""
@@ -134,7 +132,7 @@ class Audio:
     size: int | None = None
     file_id: str = ""
     duration: float | None = None
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
 
     def as_text(self) -> str:
         """The segment as plain text."""
@@ -152,7 +150,7 @@ class Video:
     size: int | None = None
     file_id: str = ""
     duration: float | None = None
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
 
     def as_text(self) -> str:
         """The segment as plain text."""
@@ -199,7 +197,7 @@ class Raw:
 
     type: ClassVar[Literal["raw"]] = "raw"
     kind: str
-    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    data: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
     fallback: str = ""
 
     def as_text(self) -> str:

@@ -11,7 +11,7 @@ import attrs
 import cattrs
 
 from kernel.adapter import PlatformType
-from kernel.config import str_tuple
+from kernel.config import mapping_copy, str_tuple
 from kernel.llm import ProviderType, register_llm_hooks
 from kernel.messages import (
     Audio,
@@ -77,10 +77,6 @@ __all__ = [
     "as_reply",
     "make_converter",
 ]
-
-
-def _freeze_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return dict(value or {})
 
 
 @attrs.frozen
@@ -154,9 +150,9 @@ class MCPServerSpec:
     transport: Literal["stdio", "sse", "streamable_http"]
     command: str | None = None
     args: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
-    env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=mapping_copy)
     url: str | None = None
-    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=mapping_copy)
 
 
 @attrs.frozen
@@ -164,7 +160,7 @@ class KernelEvent:
     """Something that happened in the kernel (plugin enabled, reload failed, ...)."""
 
     type: str
-    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
+    data: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
     plugin: str | None = None
     time: float = attrs.field(factory=time.time)
 
