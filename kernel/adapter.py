@@ -63,7 +63,9 @@ class Capabilities:
 
     segments: frozenset[str] = attrs.field(default=frozenset(), converter=_segment_types)
     raw_kinds: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    max_text_length: int | None = None
+    max_text_length: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
     any_raw_kind: bool = False
 
     @classmethod
@@ -133,8 +135,8 @@ def _split(segments: Sequence[Segment], limit: int) -> list[tuple[Segment, ...]]
 
 
 def _break_at(text: str, room: int) -> int:
-    """Where to cut `text` to fit `room`: after the last newline or space in the second
-    half of the window, else at `room` exactly (0 when there is no room left)."""
+    """Where to cut `text` to fit `room`: at the last newline or space in the second half
+    of the window (it is dropped), else at `room` exactly (0 when no room is left)."""
     if room <= 0:
         return 0
     window = text[: room + 1]
@@ -193,7 +195,7 @@ class StatsRecorder:
         self.errors += 1
         if isinstance(error, BaseException):
             error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.last_error = error
+        self.last_error = " ".join(error.split())[:300]  # one line for a stats table
 
     def snapshot(self) -> AdapterStats:
         """The counts as they are now."""

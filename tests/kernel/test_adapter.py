@@ -88,6 +88,8 @@ def test_capabilities_always_include_text_and_know_the_segment_types() -> None:
     assert Capabilities({"image"}).segments == {"text", "image"}
     with pytest.raises(ValueError, match="unknown segment types in capabilities: gif"):
         Capabilities({"image", "gif"})
+    with pytest.raises(ValueError, match="'max_text_length' must be >= 1: 0"):
+        Capabilities(max_text_length=0)
 
 
 def test_a_reply_that_fits_passes_untouched() -> None:
@@ -141,8 +143,8 @@ def test_stats_recorder_counts_and_marks_the_start() -> None:
     snap = stats.snapshot()
     assert (snap.status, snap.reconnects, snap.errors) == ("running", 1, 2)
     assert snap.last_error == "TimeoutError"
-    stats.error("heartbeat stopped")
-    assert stats.snapshot().last_error == "heartbeat stopped"
+    stats.error("heartbeat stopped\n  after 30 s")
+    assert stats.snapshot().last_error == "heartbeat stopped after 30 s"
 
 
 # ------------------------------------------------------------------ the pipeline
