@@ -217,6 +217,10 @@ SEGMENT_TYPES: Mapping[str, type[Segment]] = {
 }
 
 
+def _segments(value: Iterable[Segment]) -> tuple[Segment, ...]:
+    return tuple(value)
+
+
 def plain_text(segments: Iterable[Segment]) -> str:
     """The concatenated text of the `Text` segments (what commands are parsed from)."""
     return "".join(s.text for s in segments if isinstance(s, Text))
@@ -252,7 +256,7 @@ class MessageEvent:
     chat_type: ChatType
     chat_id: str
     sender: Sender
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...] = attrs.field(converter=_segments)
     id: str = ""
     time: float = attrs.field(factory=time.time)
     to_me: bool = False
@@ -277,9 +281,10 @@ class MessageEvent:
 
 @attrs.frozen
 class Reply:
-    """A message the bot sends, made of the same segments as a received one."""
+    """A message the bot sends, made of the same segments as a received one (any
+    iterable of them: `Reply([Mention("42"), Text(" hi")])`)."""
 
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...] = attrs.field(converter=_segments)
 
     @classmethod
     def text(cls, text: str) -> Reply:

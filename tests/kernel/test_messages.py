@@ -74,7 +74,7 @@ def test_event_text_target_and_conversation() -> None:
 
 
 def test_reply_text_plain_text_and_as_reply() -> None:
-    assert Reply.text("meow") == Reply((Text("meow"),))
+    assert Reply.text("meow") == Reply((Text("meow"),)) == Reply([Text("meow")])
     assert Reply((Text("a"), Image("https://example.invalid/x"), Text("b"))).plain_text == "ab"
     assert as_reply("hi") == Reply.text("hi")
     assert as_reply("") is None and as_reply(None) is None
