@@ -338,14 +338,17 @@ def open_platform(kernel: Kernel, instance: PlatformInstance) -> PlatformHandle:
     """Build `instance`'s adapter with its type's factory (in the context of the plugin
     that contributed the type) and attach it to the pipeline; the caller starts it.
 
-    Raises `LookupError` for an unknown type or a plugin that is not running, `TypeError`
-    when the factory returns something that is not an `Adapter`."""
+    Raises `LookupError` for an unknown type or a plugin that is not running,
+    `ValueError` for an instance id already open, `TypeError` when the factory returns
+    something that is not an `Adapter`."""
     entry = kernel.platform_types.get(instance.type)
     if entry is None:
         raise LookupError(f"no platform type {instance.type!r}")
     plugin = getattr(entry.generation, "ctx", None)
     if plugin is None or plugin.scope.closed:
         raise LookupError(f"platform type {instance.type!r}: plugin {entry.owner!r} is not running")
+    if instance.id in kernel.pipeline.adapters:
+        raise ValueError(f"platform instance {instance.id!r} already has an adapter")
     context = PlatformContext(kernel, plugin, instance)
     adapter = entry.item.factory(context, instance)
     if not isinstance(adapter, Adapter):

@@ -188,6 +188,8 @@ async def test_the_loopback_example_round_trips_through_the_pipeline(kernel: Ker
     adapter: Any = handle.adapter
     assert isinstance(adapter, Adapter) and not isinstance(adapter, SupportsCallApi)
     assert kernel.pipeline.adapters["loop-1"] is adapter
+    with pytest.raises(ValueError, match="'loop-1' already has an adapter"):
+        open_platform(kernel, PlatformInstance("loop-1", "loopback"))
     with pytest.raises(RuntimeError, match="not running"):
         await adapter.receive("room", "/echo hi")
     await adapter.start()
