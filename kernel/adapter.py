@@ -246,11 +246,12 @@ class SupportsCallApi(Protocol):
 class PlatformInstance:
     """One configured instance of a platform type: its id (the `instance` of the events
     and targets it handles), its type's name and its configuration (valid against the
-    type's `config_schema`)."""
+    type's `config_schema`; it may hold tokens, so the repr leaves it out)."""
 
     id: str
     type: str
-    config: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
+    # Not in the repr: a configuration holds the platform's tokens.
+    config: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy, repr=False)
     name: str = ""
 
 

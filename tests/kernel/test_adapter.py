@@ -176,6 +176,11 @@ async def test_replies_are_fitted_to_a_mock_bots_capabilities(kernel: Kernel) ->
     assert text_only.sent[-1][1].segments == (Text("look @you: [image: cat.png]"),)
 
 
+def test_an_instance_repr_leaves_its_config_out() -> None:
+    instance = PlatformInstance("qq-1", "onebot_v11", {"access_token": "s3cret"})
+    assert "s3cret" not in repr(instance) and instance.config["access_token"] == "s3cret"
+
+
 @pytest.mark.anyio
 async def test_open_platform_refuses_an_unknown_type(kernel: Kernel) -> None:
     with pytest.raises(LookupError, match="no platform type 'telepathy'"):
