@@ -40,6 +40,7 @@ import anyio
 import anyio.lowlevel
 
 from benchmarks import machine_note, median, pinned_to_one_core, verdict, write_bench_plugin
+from kernel.adapter import AdapterStats, Capabilities, SendResult
 
 PLUGIN = "zz_bench_dispatch"
 COMMANDS = 1000
@@ -100,7 +101,21 @@ def write_plugin(plugin_dir: Path) -> None:
         write_bench_plugin(plugin_dir, name, _DECLINER_SOURCE, "dispatch benchmark: declines")
 
 
-class CountingAdapter:
+class _BenchAdapter:
+    """The parts of the Adapter protocol the benchmark adapters share: text only, and
+    nothing to start or stop."""
+
+    capabilities = Capabilities()
+    stats = AdapterStats("running")
+
+    async def start(self) -> None:
+        """Nothing to connect."""
+
+    async def stop(self) -> None:
+        """Nothing to disconnect."""
+
+
+class CountingAdapter(_BenchAdapter):
     """A MockBot-style adapter that counts replies; with `yields`, each send yields once
     to the event loop, as a real adapter writing to a socket would."""
 
@@ -108,23 +123,25 @@ class CountingAdapter:
         self.sent = 0
         self.yields = yields
 
-    async def send(self, target: Any, reply: Any) -> None:
+    async def send(self, target: Any, reply: Any) -> SendResult:
         """Adapter side: count a reply."""
         self.sent += 1
         if self.yields:
             await anyio.lowlevel.checkpoint()
+        return SendResult()
 
 
-class RecordingAdapter:
+class RecordingAdapter(_BenchAdapter):
     """Records (chat id, reply text) in order, to check per-conversation ordering."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
 
-    async def send(self, target: Any, reply: Any) -> None:
+    async def send(self, target: Any, reply: Any) -> SendResult:
         """Adapter side: record a reply, then yield like a real adapter."""
         self.sent.append((target.chat_id, reply.plain_text))
         await anyio.lowlevel.checkpoint()
+        return SendResult()
 
 
 def _events(bot: Any, n: int, conversations: int, kind: str) -> list[Any]:

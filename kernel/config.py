@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -24,6 +25,11 @@ def str_tuple(values: Iterable[str]) -> tuple[str, ...]:
     """An attrs converter: any iterable of strings, kept as a tuple (typed, where
     `converter=tuple` would make the field's `__init__` parameter untyped)."""
     return tuple(values)
+
+
+def mapping_copy(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """An attrs converter: a mapping (or None) copied into a dict of the field's own."""
+    return dict(value or {})
 
 
 @attrs.frozen

@@ -17,7 +17,7 @@ from kernel.storage import PluginStore
 if TYPE_CHECKING:
     import httpx
 
-    from kernel.events import Adapter
+    from kernel.adapter import Adapter, SendResult
     from kernel.kernel import Kernel
 
 T = TypeVar("T")
@@ -186,9 +186,10 @@ class PluginContext:
         publish(channel, data)
         return 1
 
-    async def send(self, target: Target, message: Reply | str) -> None:
-        """Send a message through the platform instance that `target` names."""
+    async def send(self, target: Target, message: Reply | str) -> SendResult:
+        """Send a message through the platform instance that `target` names; returns the
+        platform's ids of the messages sent."""
         if self.scope.closed:
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot send")
         reply = Reply.text(message) if isinstance(message, str) else message
-        await self._kernel.pipeline.send(target, reply)
+        return await self._kernel.pipeline.send(target, reply)

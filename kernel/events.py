@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import attrs
 import pluggy
 
+from kernel.adapter import Adapter, SendResult, StatsRecorder
 from kernel.calling import call_impl
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
 from kernel.lifecycle import GateCall, GateClosedError, operating_on
-from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
+from kernel.messages import Text
+from kernel.models import CommandInvocation, MessageEvent, Reply, Target, as_reply
 
 if TYPE_CHECKING:
     from kernel.generations import Generation
@@ -32,13 +34,6 @@ if TYPE_CHECKING:
 
 _MAX_RETRIES = 5
 _MAX_SPARE = 256
-
-
-class Adapter(Protocol):
-    """What the pipeline needs of a platform adapter: a way to send."""
-
-    async def send(self, target: Target, reply: Reply) -> None:
-        """Deliver `reply` to `target`."""
 
 
 #: How a handler's messages reach the conversation being handled (counted as replies).
@@ -126,28 +121,62 @@ class Pipeline:
         self._spare: list[_Conversation] = []
         #: platform instance id -> adapter that sends for it.
         self.adapters: dict[str, Adapter] = {}
+        #: platform instance id -> where its sends are counted (instances opened by
+        #: `kernel.adapter.open_platform`).
+        self._stats: dict[str, StatsRecorder] = {}
         self.handled = 0
 
     # -- adapters ----------------------------------------------------------------------
 
-    def attach(self, instance: str, adapter: Adapter) -> Callable[[], None]:
-        """Route replies for `instance` through `adapter`; returns the detach function."""
+    def attach(
+        self, instance: str, adapter: Adapter, *, stats: StatsRecorder | None = None
+    ) -> Callable[[], None]:
+        """Route replies for `instance` through `adapter` (counting its sends in `stats`);
+        returns the detach function."""
+        if not isinstance(adapter, Adapter):
+            raise TypeError(
+                f"platform instance {instance!r}: {type(adapter).__name__} is not an Adapter "
+                "(it needs start, stop, send, capabilities and stats)"
+            )
         if instance in self.adapters and self.adapters[instance] is not adapter:
             raise ValueError(f"platform instance {instance!r} already has an adapter")
         self.adapters[instance] = adapter
+        if stats is not None:
+            self._stats[instance] = stats
 
         def detach() -> None:
             if self.adapters.get(instance) is adapter:
                 del self.adapters[instance]
+                self._stats.pop(instance, None)
 
         return detach
 
-    async def send(self, target: Target, reply: Reply) -> None:
+    async def send(self, target: Target, reply: Reply) -> SendResult:
         """Send through the adapter of `target.instance`."""
         adapter = self.adapters.get(target.instance)
         if adapter is None:
             raise LookupError(f"no platform instance {target.instance!r}")
-        await adapter.send(target, reply)
+        return await self.send_through(adapter, target, reply)
+
+    async def send_through(self, adapter: Adapter, target: Target, reply: Reply) -> SendResult:
+        """Send `reply` with `adapter`, fitted to its capabilities: segments it cannot
+        send become text, and a text too long for one message is split."""
+        stats = self._stats.get(target.instance)
+        if stats is not None and self.adapters.get(target.instance) is not adapter:
+            stats = None  # another adapter than the instance's own: not its count
+        result = SendResult()
+        for message in adapter.capabilities.fit(reply):
+            try:
+                sent = await adapter.send(target, message)
+            except Exception as exc:
+                if stats is not None:
+                    stats.error(exc)
+                raise
+            if stats is not None:
+                stats.sent += 1
+            if isinstance(sent, SendResult):  # an untyped adapter may return None
+                result += sent
+        return result
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -178,7 +207,7 @@ class Pipeline:
             reply = as_reply(message)
             if reply is None or adapter is None:
                 return
-            await adapter.send(event.target, reply)
+            await self.send_through(adapter, event.target, reply)
             sent += 1
 
         config = self.kernel.bot_config
@@ -326,16 +355,16 @@ class Pipeline:
 def strip_wake_word(event: MessageEvent, wake_words: Sequence[str]) -> MessageEvent:
     """If the message starts with a wake word, drop it and mark the event `to_me`."""
     segments = event.segments
-    if not segments or segments[0].type != "text":
+    if not segments or not isinstance(segments[0], Text):
         return event
-    text = str(segments[0].data.get("text", ""))
+    text = segments[0].text
     stripped = text.lstrip()
     folded = stripped.casefold()
     for word in sorted(wake_words, key=len, reverse=True):
         w = word.casefold()
         if folded.startswith(w) and (len(folded) == len(w) or not folded[len(w)].isalnum()):
             rest = stripped[len(word) :].lstrip(" ,:\uff0c\uff1a")  # also full-width , :
-            first = Segment("text", {**segments[0].data, "text": rest})
+            first = Text(rest)
             return attrs.evolve(event, segments=(first, *segments[1:]), to_me=True)
     return event
 

@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar, cast
 import anyio
 from anyio.abc import TaskGroup
 
+from kernel.adapter import Adapter
 from kernel.asgi import KernelApp
 from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
@@ -309,7 +310,7 @@ class Kernel:
 
     # -- messages and events -----------------------------------------------------------
 
-    async def dispatch(self, event: MessageEvent, adapter: Any = None) -> int:
+    async def dispatch(self, event: MessageEvent, adapter: Adapter | None = None) -> int:
         """Handle one incoming message (see `Pipeline.dispatch`)."""
         return await self.pipeline.dispatch(event, adapter)
 

@@ -10,114 +10,73 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 import cattrs
 
-from kernel.config import str_tuple
+from kernel.adapter import PlatformType
+from kernel.config import mapping_copy, str_tuple
+from kernel.llm import ProviderType, register_llm_hooks
+from kernel.messages import (
+    Audio,
+    ChatType,
+    File,
+    Forward,
+    ForwardNode,
+    Image,
+    Mention,
+    MentionAll,
+    MessageEvent,
+    Quote,
+    Raw,
+    Reply,
+    Segment,
+    Sender,
+    Target,
+    Text,
+    Video,
+    as_reply,
+    register_message_hooks,
+)
 
 if TYPE_CHECKING:
     from kernel.context import PluginContext
 
-ChatType = Literal["private", "group", "channel"]
-
-
-def _freeze_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return dict(value or {})
-
-
-@attrs.frozen
-class Segment:
-    """One piece of a message: `text`, `mention`, `image`, `reply`, ... with its data."""
-
-    type: str
-    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
-
-    @classmethod
-    def text(cls, text: str) -> Segment:
-        """A plain text segment."""
-        return cls("text", {"text": text})
-
-    @classmethod
-    def mention(cls, user_id: str) -> Segment:
-        """A mention of a user."""
-        return cls("mention", {"user_id": user_id})
-
-    @classmethod
-    def image(cls, url: str) -> Segment:
-        """An image by URL (or data: URI)."""
-        return cls("image", {"url": url})
-
-
-@attrs.frozen
-class Sender:
-    """Who sent a message."""
-
-    id: str
-    name: str = ""
-    is_admin: bool = False
-
-
-@attrs.frozen
-class Target:
-    """Where a message goes: one chat of one platform instance."""
-
-    instance: str
-    chat_type: ChatType
-    chat_id: str
-
-
-@attrs.frozen
-class MessageEvent:
-    """A message received by a platform adapter, in the kernel's own shape."""
-
-    platform: str
-    instance: str
-    chat_type: ChatType
-    chat_id: str
-    sender: Sender
-    segments: tuple[Segment, ...]
-    id: str = ""
-    time: float = attrs.field(factory=time.time)
-    to_me: bool = False
-    raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
-
-    @property
-    def text(self) -> str:
-        """The concatenated text of the message's text segments."""
-        return "".join(str(s.data.get("text", "")) for s in self.segments if s.type == "text")
-
-    @property
-    def target(self) -> Target:
-        """Where a reply to this message goes."""
-        return Target(self.instance, self.chat_type, self.chat_id)
-
-    @property
-    def conversation(self) -> tuple[str, str, str]:
-        """The key that orders handling: messages of one conversation are handled in order."""
-        return (self.instance, self.chat_type, self.chat_id)
-
-
-@attrs.frozen
-class Reply:
-    """A message the bot sends."""
-
-    segments: tuple[Segment, ...]
-
-    @classmethod
-    def text(cls, text: str) -> Reply:
-        """A reply made of one text segment."""
-        return cls((Segment.text(text),))
-
-    @property
-    def plain_text(self) -> str:
-        """The concatenated text of the reply's text segments."""
-        return "".join(str(s.data.get("text", "")) for s in self.segments if s.type == "text")
-
-
-def as_reply(value: Reply | str | None) -> Reply | None:
-    """Normalise a handler's return value (a Reply, a str, or None)."""
-    if value is None or isinstance(value, Reply):
-        return value
-    if isinstance(value, str):
-        return Reply.text(value) if value else None
-    raise TypeError(f"a handler must return Reply, str or None, not {type(value).__name__}")
+# The message model and the platform and provider records live in their own modules;
+# they are re-exported here, where hook signatures have always found them.
+__all__ = [
+    "Audio",
+    "ChannelSpec",
+    "ChatType",
+    "CommandConflict",
+    "CommandHandler",
+    "CommandInvocation",
+    "CommandSpec",
+    "File",
+    "Forward",
+    "ForwardNode",
+    "Image",
+    "KernelEvent",
+    "MCPServerSpec",
+    "Mention",
+    "MentionAll",
+    "MessageEvent",
+    "MiddlewareSpec",
+    "OperationResult",
+    "PlatformType",
+    "PluginInfo",
+    "PluginManifest",
+    "PluginSource",
+    "PluginState",
+    "ProviderType",
+    "Quote",
+    "Raw",
+    "Reply",
+    "RouteSpec",
+    "Segment",
+    "Sender",
+    "Target",
+    "Text",
+    "Video",
+    "as_reply",
+    "make_converter",
+]
 
 
 @attrs.frozen
@@ -184,26 +143,6 @@ class ChannelSpec:
 
 
 @attrs.frozen
-class PlatformType:
-    """A chat platform type: `factory(ctx, instance)` returns an adapter."""
-
-    name: str
-    factory: Callable[..., Any] = attrs.field(repr=False)
-    config_schema: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
-    description: str = ""
-
-
-@attrs.frozen
-class ProviderType:
-    """An LLM provider type: `factory(ctx, instance)` returns a provider."""
-
-    name: str
-    factory: Callable[..., Any] = attrs.field(repr=False)
-    config_schema: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
-    description: str = ""
-
-
-@attrs.frozen
 class MCPServerSpec:
     """An MCP server a plugin ships."""
 
@@ -211,9 +150,9 @@ class MCPServerSpec:
     transport: Literal["stdio", "sse", "streamable_http"]
     command: str | None = None
     args: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
-    env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=mapping_copy)
     url: str | None = None
-    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_mapping)
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=mapping_copy)
 
 
 @attrs.frozen
@@ -221,7 +160,7 @@ class KernelEvent:
     """Something that happened in the kernel (plugin enabled, reload failed, ...)."""
 
     type: str
-    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
+    data: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
     plugin: str | None = None
     time: float = attrs.field(factory=time.time)
 
@@ -318,4 +257,6 @@ def make_converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_unstructure_hook(PluginSource, lambda v: v.value)
     conv.register_unstructure_hook(PluginState, lambda v: v.value)
+    register_message_hooks(conv)
+    register_llm_hooks(conv)
     return conv

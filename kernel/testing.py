@@ -17,13 +17,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from kernel.adapter import AdapterStats, Capabilities, SendResult
 from kernel.config import KernelConfig
 from kernel.kernel import Kernel
-from kernel.models import ChatType, MessageEvent, Reply, Segment, Sender, Target
+from kernel.models import ChatType, MessageEvent, Reply, Segment, Sender, Target, Text
 
 
 class MockBot:
-    """A mock platform instance attached to a running kernel; it records what is sent."""
+    """A mock platform instance attached to a running kernel; it records what is sent.
+
+    It sends every segment as it is; give it narrower `capabilities` to see what the
+    kernel makes of a reply on a platform that cannot send images, say."""
 
     platform = "mock"
 
@@ -35,8 +39,10 @@ class MockBot:
         chat_type: ChatType = "private",
         chat_id: str = "chat-1",
         sender: Sender | None = None,
+        capabilities: Capabilities | None = None,
     ) -> None:
         self.kernel = kernel
+        self.capabilities = capabilities or Capabilities.everything()
         self.instance = instance
         self.chat_type: ChatType = chat_type
         self.chat_id = chat_id
@@ -50,9 +56,21 @@ class MockBot:
         """The plain text of every reply sent so far."""
         return [reply.plain_text for _, reply in self.sent]
 
-    async def send(self, target: Target, reply: Reply) -> None:
-        """Adapter side: record a reply."""
+    @property
+    def stats(self) -> AdapterStats:
+        """Adapter side: always running; `sent` counts the replies recorded."""
+        return AdapterStats("running", sent=len(self.sent))
+
+    async def start(self) -> None:
+        """Adapter side: nothing to connect."""
+
+    async def stop(self) -> None:
+        """Adapter side: nothing to disconnect."""
+
+    async def send(self, target: Target, reply: Reply) -> SendResult:
+        """Adapter side: record a reply; its message id is its position in `sent`."""
         self.sent.append((target, reply))
+        return SendResult((str(len(self.sent)),))
 
     def event(
         self,
@@ -71,7 +89,7 @@ class MockBot:
             chat_type=chat_type or self.chat_type,
             chat_id=chat_id or self.chat_id,
             sender=sender or self.sender,
-            segments=tuple(segments) if segments is not None else (Segment.text(text),),
+            segments=tuple(segments) if segments is not None else (Text(text),),
             id=str(self._seq),
         )
 

@@ -206,3 +206,31 @@ def test_example_tests_pass(test_file: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(tests)} passed" in result.stdout, result.stdout
+
+
+# ------------------------------------------------------------------ the protocols
+
+
+def members(tree: ast.AST, cls: str) -> dict[str, str]:
+    """`name -> 'async? (args) -> returns'` of the methods and properties of `cls`."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    prefix = "async " if isinstance(item, ast.AsyncFunctionDef) else ""
+                    returns = ast.unparse(item.returns) if item.returns else ""
+                    found[item.name] = f"{prefix}({ast.unparse(item.args)}) -> {returns}"
+    return found
+
+
+@pytest.mark.parametrize(
+    ("cls", "module"), [("Adapter", "kernel/adapter.py"), ("Provider", "kernel/llm.py")]
+)
+def test_the_protocols_in_the_docs_are_the_kernels(cls: str, module: str) -> None:
+    shown = [
+        b.body for b in blocks(DOCS / "hooks.md") if b.body.startswith(f"class {cls}(Protocol)")
+    ]
+    assert len(shown) == 1, f"hooks.md should show `class {cls}(Protocol)` once"
+    source = (ROOT / module).read_text(encoding="utf-8")
+    assert members(ast.parse(shown[0]), cls) == members(ast.parse(source), cls)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from kernel.hookspecs.markers import hookspec
-from kernel.models import ProviderType
+from kernel.llm import ChatRequest, ChatResponse, ProviderType
 from kernel.tools import ToolSpec
 
 if TYPE_CHECKING:
@@ -18,7 +18,9 @@ def nekobot_llm_provider_types() -> Iterable[ProviderType]:
     """Return the LLM provider types the plugin implements.
 
     Contribution hook: sync, pure, called once per load. A type name another plugin
-    holds is a load error.
+    holds is a load error. For each instance of a type, `kernel.llm.open_provider`
+    calls `factory(ctx, ProviderInstance)`, which returns a `Provider` (`kernel.llm`:
+    `chat`, `stream`, `models`, `aclose`); it is closed when the plugin goes away.
     """
 
 
@@ -37,9 +39,7 @@ def nekobot_llm_tools() -> Iterable[ToolSpec]:
 
 
 @hookspec
-async def nekobot_llm_request(
-    request: Mapping[str, Any], ctx: PluginContext
-) -> Mapping[str, Any] | None:
+async def nekobot_llm_request(request: ChatRequest, ctx: PluginContext) -> ChatRequest | None:
     """Called (async) before an LLM request is sent; return a changed request or None.
 
     Implementations run one after another in plugin-name order, each seeing the
@@ -48,9 +48,7 @@ async def nekobot_llm_request(
 
 
 @hookspec
-async def nekobot_llm_response(
-    response: Mapping[str, Any], ctx: PluginContext
-) -> Mapping[str, Any] | None:
+async def nekobot_llm_response(response: ChatResponse, ctx: PluginContext) -> ChatResponse | None:
     """Called (async) after an LLM answered; return a changed response or None.
 
     Same combination rule as `nekobot_llm_request`.

@@ -12,11 +12,12 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import httpx
 import pytest
 
@@ -24,17 +25,20 @@ from kernel import (
     ConfigError,
     KernelEvent,
     MessageEvent,
+    PlatformInstance,
     PluginLoadError,
     PluginState,
     Reply,
-    Segment,
     Sender,
     Target,
+    Text,
 )
+from kernel.adapter import open_platform
 from kernel.asgi import PRINCIPAL
 from kernel.calling import call_impl
 from kernel.hookspecs import CONTRIBUTION_HOOKS, SPEC_MODULES, all_hook_names
 from kernel.kernel import Kernel
+from kernel.llm import ChatMessage, ChatRequest, ChatResponse, Usage
 from kernel.testing import MockBot, running_kernel
 from tests.plugin_factory import purge_modules, write_plugin
 
@@ -612,45 +616,64 @@ async def test_nekobot_platform_types_registered_and_their_adapters_dispatch(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
     code = """
-    from kernel import PlatformType, hookimpl
+    from kernel import Capabilities, PlatformType, SendResult, hookimpl
 
     class Adapter:
-        def __init__(self, instance):
-            self.instance = instance
+        capabilities = Capabilities()
+
+        def __init__(self, ctx, instance):
+            self.ctx = ctx
             self.outbox = []
+
+        @property
+        def stats(self):
+            return self.ctx.stats.snapshot()
+
+        async def start(self):
+            self.ctx.stats.set_status("running")
+
+        async def stop(self):
+            self.ctx.stats.set_status("stopped")
 
         async def send(self, target, reply):
             self.outbox.append((target.chat_id, reply.plain_text))
+            return SendResult((str(len(self.outbox)),))
 
     @hookimpl
     def nekobot_platform_types():
-        return [PlatformType("doc_chat", lambda ctx, instance: Adapter(instance),
-                             config_schema={"type": "object"})]
+        return [PlatformType("doc_chat", Adapter, config_schema={"type": "object"})]
     """
     await add_plugin(kernel, plugin_dir, "doc_platform_types", code)
     entry = kernel.platform_types.get("doc_chat")
     assert entry is not None and entry.owner == "doc_platform_types"
 
-    # What the platforms plugin does with a type: build an adapter, attach it, dispatch.
-    adapter = entry.item.factory(None, "doc-1")
-    detach = kernel.pipeline.attach("doc-1", adapter)
+    # What the platforms plugin does with an instance of the type: open it, start it;
+    # the adapter then delivers what it receives.
+    handle = open_platform(kernel, PlatformInstance("doc-1", "doc_chat"))
+    adapter: Any = handle.adapter
+    await adapter.start()
     event = MessageEvent(
         platform="doc_chat",
         instance="doc-1",
         chat_type="group",
         chat_id="room",
         sender=Sender("u1", "Neko"),
-        segments=(Segment.text("/help help"),),
+        segments=(Text("/help help"),),
     )
-    assert await kernel.dispatch(event, adapter) == 1
+    assert await handle.context.deliver(event) == 1
     assert adapter.outbox[0][0] == "room"
     assert adapter.outbox[0][1].startswith("/help")
-    await kernel.pipeline.send(Target("doc-1", "group", "room"), Reply.text("hi"))
+    sent = await kernel.pipeline.send(Target("doc-1", "group", "room"), Reply.text("hi"))
+    assert sent.message_ids == ("2",)
     assert adapter.outbox[-1] == ("room", "hi")
-    detach()
+    stats = handle.stats
+    assert (stats.status, stats.received, stats.sent, stats.errors) == ("running", 1, 2, 0)
 
+    # Going away, the plugin takes its instances with it: stopped and detached.
     await kernel.plugins.disable("doc_platform_types")
     assert kernel.platform_types.get("doc_chat") is None
+    assert handle.closed and handle.stats.status == "stopped"
+    assert "doc-1" not in kernel.pipeline.adapters
 
 
 @pytest.mark.anyio
@@ -718,16 +741,25 @@ async def test_nekobot_mcp_servers_registered_and_withdrawn(
 # ------------------------------------------------------------------ LLM interception
 
 
+#: Each interception hook leaves its plugin's name on what passes through the chain.
 LLM_HOOK = """
+import attrs
 from kernel import hookimpl
+from kernel.llm import ChatMessage
 
 @hookimpl
 async def {hook}({arg}, ctx):
-    return {{**{arg}, "trail": [*{arg}.get("trail", []), ctx.name]}}
+    {body}
 """
+LLM_BODIES = {
+    "request": 'return attrs.evolve(request, extra={"trail": [*request.extra.get("trail", []),'
+    " ctx.name]})",
+    "response": "return attrs.evolve(response, message=ChatMessage.assistant("
+    'response.text + "<" + ctx.name))',
+}
 
 
-async def run_chain(kernel: Kernel, hook: str, arg: str, value: Mapping[str, Any]) -> Any:
+async def run_chain(kernel: Kernel, hook: str, arg: str, value: Any) -> Any:
     """Run an interception hook as its docstring says the LLM plugin does: a chain."""
     for plugin, impl, gen in kernel.plugins.hook_index.get(hook, []):
         outcome = await call_impl(
@@ -743,40 +775,54 @@ async def run_chain(kernel: Kernel, hook: str, arg: str, value: Mapping[str, Any
     return value
 
 
-async def check_interception_hook(kernel: Kernel, plugin_dir: Path, hook: str, arg: str) -> None:
+async def check_interception_hook(
+    kernel: Kernel, plugin_dir: Path, hook: str, arg: str, value: Any
+) -> Any:
+    """Two plugins implement `hook`; returns what the chain makes of `value`."""
     name = "doc_" + hook.removeprefix("nekobot_")
-    code = LLM_HOOK.format(hook=hook, arg=arg)
+    code = LLM_HOOK.format(hook=hook, arg=arg, body=LLM_BODIES[arg])
     # Registered in reverse name order: the chain still runs in plugin-name order.
     await add_plugin(kernel, plugin_dir, name + "_b", code)
     await add_plugin(kernel, plugin_dir, name, code)
 
     assert hook in kernel.plugins.info(name).hooks
     assert [p for p, _, _ in kernel.plugins.hook_index[hook]] == [name, name + "_b"]
-    result = await run_chain(kernel, hook, arg, {"model": "m"})
-    assert result == {"model": "m", "trail": [name, name + "_b"]}
+    result = await run_chain(kernel, hook, arg, value)
 
     # The implementation is validated against the spec: a wrong argument name fails.
-    bad = LLM_HOOK.format(hook=hook, arg="payload")
+    bad = LLM_HOOK.format(hook=hook, arg="payload", body="return None")
     with pytest.raises(PluginLoadError, match="invalid hook implementation"):
         await add_plugin(kernel, plugin_dir, name + "_bad", bad)
     assert [p for p, _, _ in kernel.plugins.hook_index[hook]] == [name, name + "_b"]
 
     await kernel.plugins.disable(name)
     assert [p for p, _, _ in kernel.plugins.hook_index[hook]] == [name + "_b"]
+    return result
 
 
 @pytest.mark.anyio
 async def test_nekobot_llm_request_is_indexed_validated_and_chains(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
-    await check_interception_hook(kernel, plugin_dir, "nekobot_llm_request", "request")
+    request = ChatRequest([ChatMessage.user("hi")], model="m")
+    result = await check_interception_hook(
+        kernel, plugin_dir, "nekobot_llm_request", "request", request
+    )
+    assert result == attrs.evolve(
+        request, extra={"trail": ["doc_llm_request", "doc_llm_request_b"]}
+    )
 
 
 @pytest.mark.anyio
 async def test_nekobot_llm_response_is_indexed_validated_and_chains(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
-    await check_interception_hook(kernel, plugin_dir, "nekobot_llm_response", "response")
+    response = ChatResponse(ChatMessage.assistant("meow"), usage=Usage(3, 1))
+    result = await check_interception_hook(
+        kernel, plugin_dir, "nekobot_llm_response", "response", response
+    )
+    assert result.text == "meow<doc_llm_response<doc_llm_response_b"
+    assert result.usage == Usage(3, 1)
 
 
 # ------------------------------------------------------------------ messages and events

@@ -113,14 +113,24 @@ async def test_open_websocket_does_not_block_disable_and_is_closed(tmp_path: Pat
 
 
 ADAPTER = """
-from kernel import hookimpl, Reply
+from kernel import AdapterStats, Capabilities, SendResult, hookimpl
 
 class Sink:
+    capabilities = Capabilities()
+    stats = AdapterStats("running")
+
     def __init__(self):
         self.sent = []
 
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
     async def send(self, target, reply):
         self.sent.append(reply.plain_text)
+        return SendResult()
 
 SINK = Sink()
 

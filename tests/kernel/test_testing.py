@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kernel import Reply, Segment, Sender, Target
+from kernel import Image, Reply, Sender, Target, Text
 from kernel.kernel import Kernel
 from kernel.testing import MockBot, running_kernel
 from tests.plugin_factory import write_plugin
 
 _ECHO = """
-from kernel import CommandSpec, Reply, Segment, hookimpl
+from kernel import CommandSpec, Image, Reply, Text, hookimpl
 
 
 async def echo(cmd):
@@ -30,7 +30,7 @@ async def whoami(cmd):
 
 
 async def picture(cmd):
-    return Reply((Segment.text("look: "), Segment.image("https://example.invalid/cat.png")))
+    return Reply((Text("look: "), Image("https://example.invalid/cat.png")))
 
 
 @hookimpl
@@ -126,11 +126,9 @@ async def test_mock_bot_events_and_targets(tmp_path: Path) -> None:
         # Segments other than text are kept; `replies` shows the text.
         assert await bot.receive("/picture") == ["look: "]
         _, reply = bot.sent[-1]
-        assert reply.segments[1] == Segment.image("https://example.invalid/cat.png")
+        assert reply.segments[1] == Image("https://example.invalid/cat.png")
         # A message made of segments.
-        assert await bot.receive("", segments=[Segment.text("/echo a"), Segment.text("b")]) == [
-            "ab"
-        ]
+        assert await bot.receive("", segments=[Text("/echo a"), Text("b")]) == ["ab"]
 
         group = MockBot(kernel, instance="mock-2", chat_type="group", chat_id="room")
         assert await group.receive("/whoami") == ["mock/mock-2/group/room/user-1/1"]
