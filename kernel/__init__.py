@@ -2,6 +2,7 @@
 
 from kernel.config import KernelConfig
 from kernel.context import PluginContext
+from kernel.dependencies import MissingServiceError
 from kernel.errors import (
     CommandNotFoundError,
     ConfigError,
@@ -38,6 +39,7 @@ from kernel.models import (
     Sender,
     Target,
 )
+from kernel.services import ServiceHandle, ServiceUnavailableError
 from kernel.version import __version__
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "ManifestError",
     "MessageEvent",
     "MiddlewareSpec",
+    "MissingServiceError",
     "NekoError",
     "PlatformType",
     "PluginContext",
@@ -73,6 +76,8 @@ __all__ = [
     "RouteSpec",
     "Segment",
     "Sender",
+    "ServiceHandle",
+    "ServiceUnavailableError",
     "Target",
     "__version__",
     "hookimpl",

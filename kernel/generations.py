@@ -246,6 +246,7 @@ class GenerationOps:
             gen = Generation(rec.generations, pm_name, imported, contributions, [], schema, hooks)
             gen.commands = self.kernel.commands.prepare(name, contributions.commands, gen)
             self._check_registries(name, contributions, replacing=rec.generation is not None)
+            self._check_requirements(rec, gen)
         except NekoError as exc:
             if self.pm.get_plugin(pm_name) is not None:
                 self.pm.unregister(name=pm_name)
@@ -259,6 +260,10 @@ class GenerationOps:
             imported.rollback()
             raise
         return gen
+
+    def _check_requirements(self, rec: PluginRecord, gen: Generation) -> None:
+        """Refuse a staged generation whose required services are not served (the
+        manager's); `_stage` rolls `gen` back."""
 
     def _hooks_of(self, pm_name: str) -> tuple[str, ...]:
         plugin = self.pm.get_plugin(pm_name)

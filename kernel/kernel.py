@@ -24,7 +24,6 @@ from kernel.asgi import KernelApp
 from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
-from kernel.context import Services
 from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.lifecycle import detach_from_calls
@@ -42,6 +41,7 @@ from kernel.models import (
     make_converter,
 )
 from kernel.registry import OwnedRegistry
+from kernel.services import ServiceRegistry
 from kernel.settings import (
     BOT_CONFIG_SCHEMA,
     SETTINGS_SCHEMA,
@@ -68,7 +68,7 @@ class Kernel:
         self.converter = make_converter()
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
-        self.services = Services()
+        self.services = ServiceRegistry(timeout=self.config.service_timeout)
         self.commands = CommandRegistry()
         self.routes: OwnedRegistry[tuple[str, str], Any] = OwnedRegistry(
             "route", lambda t: t[0], label=lambda key: f"{key[1]} {key[0]}"
@@ -92,6 +92,7 @@ class Kernel:
         self.settings = Settings(hot_reload=self.config.hot_reload)
         self.logging = KernelLogging(self.id, self.config.data_dir / "logs", self.config.log_buffer)
         self.plugins = PluginManager(self)
+        self.services.plugins = self.plugins
         self.pipeline = Pipeline(self)
         self.asgi_app = KernelApp(self)
         self.watchdog = LoopWatchdog(

@@ -13,6 +13,7 @@ import pytest
 
 from builtin_plugins.auth.service import hash_password, verify_password
 from kernel import Kernel
+from kernel.protocols import AuthService
 from kernel.testing import running_kernel
 
 pytestmark = pytest.mark.anyio
@@ -174,7 +175,7 @@ def test_login_limiter_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_revocations_of_expired_tokens_are_purged(kernel: Kernel) -> None:
     import time
 
-    auth = kernel.services.get("auth")
+    auth = kernel.services.current(AuthService)
     await auth.revoke({"jti": "old", "exp": time.time() - 10})
     await auth.revoke({"jti": "new", "exp": time.time() + 1000})
     assert set(auth.revoked) == {"new"}
@@ -189,7 +190,7 @@ async def test_trailing_slash_is_a_404_envelope_not_a_redirect(client: httpx.Asy
 
 
 async def test_verified_claims_are_the_callers_own(kernel: Kernel) -> None:
-    auth = kernel.services.get("auth")
+    auth = kernel.services.current(AuthService)
     token, _ = auth.issue("nekobot")
     claims = auth.verify(token)
     assert claims is not None
