@@ -26,8 +26,6 @@ class MissingServiceError(PluginLoadError):
     """A plugin requires a service that no active plugin provides (or it is in a cycle);
     it starts once a provider serves it."""
 
-    code = "missing_service"
-
 
 @attrs.frozen
 class Declarations:

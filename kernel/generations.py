@@ -29,6 +29,7 @@ from kernel.calling import (
 )
 from kernel.commands import CommandEntry
 from kernel.context import PluginContext
+from kernel.dependencies import MissingServiceError
 from kernel.errors import (
     NekoError,
     PluginError,
@@ -162,6 +163,11 @@ class GenerationOps:
             rec.state = PluginState.LOADING
         try:
             gen = await self._stage(rec)
+        except MissingServiceError as exc:
+            # Waiting, not failed: the manager starts it once the service is served.
+            if replacing is None:
+                rec.state, rec.error = PluginState.PENDING, exc.message
+            raise
         except NekoError as exc:
             if replacing is None:
                 rec.state, rec.error = PluginState.FAILED, exc.message
