@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PLUGIN = EXAMPLES / "plugins" / "neko_weather"
+#: The example's own test files, each run with pytest as a plugin author would.
+EXAMPLE_TESTS = ("test_neko_weather.py", "test_neko_services.py")
 
 #: Files that a page must show in full.
 SHOWN_IN_FULL = {
@@ -36,6 +38,10 @@ SHOWN_IN_FULL = {
         PLUGIN / "plugin.toml",
         PLUGIN / "__init__.py",
         EXAMPLES / "test_neko_weather.py",
+        EXAMPLES / "neko_counter_api.py",
+        EXAMPLES / "plugins" / "neko_counter_service" / "__init__.py",
+        EXAMPLES / "plugins" / "neko_counter_user" / "__init__.py",
+        EXAMPLES / "test_neko_services.py",
     ),
     "embedding.md": (EXAMPLES / "embed_app.py",),
 }
@@ -174,8 +180,9 @@ async def test_example_plugin_runs_in_a_kernel(tmp_path: Path) -> None:
         assert await bot.receive("/weather") == []
 
 
-def test_example_tests_pass() -> None:
-    test_file = EXAMPLES / "test_neko_weather.py"
+@pytest.mark.parametrize("name", EXAMPLE_TESTS)
+def test_example_tests_pass(name: str) -> None:
+    test_file = EXAMPLES / name
     tests = [
         node.name
         for node in ast.parse(test_file.read_text(encoding="utf-8")).body
