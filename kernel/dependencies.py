@@ -85,18 +85,35 @@ class DependencyGraph:
                 return name
         return None
 
-    def missing(self, decl: Declarations) -> list[type]:
-        """The required keys no plugin provides now."""
-        return [k for k in decl.requires if self.services.provider(k) is None]
+    def missing(self, decl: Declarations, *, reloading_counts: bool = False) -> list[type]:
+        """The required keys no plugin provides now. With `reloading_counts`, a key whose
+        provider is in the middle of an operation (a reload) counts as provided."""
+        services = self.services
 
-    def check(self, name: str, decl: Declarations, names: Iterable[str]) -> None:
+        def served(key: type) -> bool:
+            if services.provider(key) is not None:
+                return True
+            last = services.last_provider(key)
+            return reloading_counts and last is not None and services.plugins.busy(last)
+
+        return [k for k in decl.requires if not served(k)]
+
+    def check(
+        self, name: str, decl: Declarations, names: Iterable[str], *, replacing: bool = False
+    ) -> None:
         """MissingServiceError unless every service `decl` requires is provided and no
-        requirement leads back to `name` (`names`: every known plugin)."""
+        requirement leads back to `name` (`names`: every known plugin).
+
+        `replacing`: `name` is active and being reloaded. Then a provider that is busy
+        too (both edited at once) counts as serving: the calls of the new generation
+        wait for it. A plugin that is not active yet must find its services served, so
+        that one starting while its provider is being disabled cannot outlive it.
+        """
         names = list(names)
         cycle = self.cycle(name, decl, names)
         if cycle:
             raise MissingServiceError(name, f"service dependency cycle: {cycle}")
-        missing = self.missing(decl)
+        missing = self.missing(decl, reloading_counts=replacing)
         if missing:
             parts = []
             for key in missing:

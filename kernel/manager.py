@@ -195,7 +195,7 @@ class PluginManager(GenerationOps):
         """
         decl = read_declarations(rec.name, gen.imported.module)
         try:
-            self.deps.check(rec.name, decl, self.records)
+            self.deps.check(rec.name, decl, self.records, replacing=rec.generation is not None)
         except MissingServiceError:
             if rec.generation is None:
                 self.deps.waiting[rec.name] = decl

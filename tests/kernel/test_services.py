@@ -11,6 +11,7 @@ import pytest
 
 from kernel import Kernel, KernelConfig, PluginState, ServiceUnavailableError
 from kernel.testing import running_kernel
+from tests.kernel.test_hookspecs import eventually
 from tests.plugin_factory import write_plugin
 
 
@@ -23,6 +24,9 @@ class Counter(Protocol):
 
     def peek(self) -> int:
         """The count so far (a sync method)."""
+
+    async def hang(self) -> None:
+        """Never return (until cancelled)."""
 
 
 class Ping(Protocol):
@@ -52,6 +56,9 @@ class Impl:
 
     def peek(self):
         return self.count
+
+    async def hang(self):
+        await anyio.Event().wait()
 
 @hookimpl
 async def nekobot_plugin_start(ctx):
@@ -256,6 +263,59 @@ async def test_a_call_waits_for_a_reload_bounded_then_fails_naming_the_provider(
             assert outcome == []  # still waiting: the provider has not finished starting
             probe["release"].set()
         assert outcome == [(1, True)]
+
+
+@pytest.mark.anyio
+async def test_use_holds_the_provider_for_a_block_and_a_reload_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    write_plugin(tmp_path / "plugins", "sv_counter", PROVIDER)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[tmp_path / "plugins"]) as kernel:
+        rec = kernel.plugins.records["sv_counter"]
+        inside = anyio.Event()
+        seen: list[object] = []
+
+        async def hold() -> None:
+            async with kernel.services.handle(Counter).use() as counter:
+                inside.set()
+                await eventually(lambda: rec.state is PluginState.UNLOADING)
+                # The reload waits for this block: the old generation still serves it.
+                seen.extend([await counter.bump(), counter.peek()])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await inside.wait()
+            await kernel.plugins.reload("sv_counter")
+            assert seen == [(1, True), 1]  # the block ended before the reload did
+        assert rec.reload_count == 1
+        assert await kernel.services.get(Counter).bump() == (1, True)  # the new generation
+
+
+@pytest.mark.anyio
+async def test_a_call_outliving_its_providers_retirement_fails_naming_the_service(
+    tmp_path: Path,
+) -> None:
+    write_plugin(tmp_path / "plugins", "sv_counter", PROVIDER)
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[tmp_path / "plugins"], handler_timeout=0.1
+    ) as kernel:
+        gen = kernel.plugins.records["sv_counter"].generation
+        assert gen is not None
+        failures: list[ServiceUnavailableError] = []
+
+        async def hang() -> None:
+            try:
+                await kernel.services.get(Counter).hang()
+            except ServiceUnavailableError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang)
+            await eventually(lambda: gen.gate.in_flight == 1)
+            await kernel.plugins.reload("sv_counter")  # cancels the call after 0.1 s
+        assert len(failures) == 1
+        assert "outlived its provider's retirement" in failures[0].message
+        assert failures[0].service == "tests.kernel.test_services.Counter"
 
 
 async def _plugins_with_log(tmp_path: Path, plugins: dict[str, str]) -> tuple[Kernel, list[Any]]:
