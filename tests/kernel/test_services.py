@@ -63,11 +63,11 @@ class Impl:
 @hookimpl
 async def nekobot_plugin_start(ctx):
     impl = Impl()
-    ctx.provide(Counter, impl)
     probe = ctx.services.current(dict)
-    if probe is not None and "starting" in probe:
+    if probe is not None and "starting" in probe:  # not provided yet: a gap in service
         probe["starting"].set()
         await probe["release"].wait()
+    ctx.provide(Counter, impl)
     await anyio.sleep(0)  # a call arriving now would see a half-started provider
     impl.started = True
     ctx.on_dispose(lambda: setattr(impl, "stopped", True))
@@ -426,3 +426,25 @@ async def test_a_malformed_requires_is_a_load_error(tmp_path: Path) -> None:
         rec = kernel.plugins.records["sv_malformed"]
         assert rec.state is PluginState.FAILED
         assert rec.error is not None and "'requires' must name service classes" in rec.error
+
+
+@pytest.mark.anyio
+async def test_a_consumer_reloads_while_its_provider_reloads_too(tmp_path: Path) -> None:
+    """Both edited at once: the consumer's new generation waits for the provider's
+    instead of failing its reload for a service that is only being replaced."""
+    kernel, log = await _plugins_with_log(tmp_path, {"sv_user": CONSUMER, "sv_prov": PROVIDER})
+    async with kernel:
+        probe = {"starting": anyio.Event(), "release": anyio.Event()}
+        kernel.services.provide("tests", dict, probe)
+        user = kernel.plugins.records["sv_user"]
+        old = user.generation
+        log.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kernel.plugins.reload, "sv_prov")
+            await probe["starting"].wait()
+            tg.start_soon(kernel.plugins.reload, "sv_user")
+            # The consumer's new generation is starting: its call waits for the provider.
+            await eventually(lambda: user.generation is not old)
+            probe["release"].set()
+        assert user.state is PluginState.ACTIVE and user.reload_count == 1
+        assert ("start", "sv_user", True) in log
