@@ -166,6 +166,8 @@ async def test_a_value_that_lacks_a_member_or_is_undeclared_is_refused(tmp_path:
         assert kernel.plugins.records["sv_bad"].state is PluginState.ACTIVE
     assert "does not implement service tests.kernel.test_services.Counter" in seen[0]
     assert "without declaring it" in seen[1] and "Ping" in seen[1]
+    with pytest.raises(TypeError, match="a service is keyed by a class"):
+        kernel.services.provide("tests", "auth", object())  # the old string keys
 
 
 @pytest.mark.anyio
@@ -448,3 +450,32 @@ async def test_a_consumer_reloads_while_its_provider_reloads_too(tmp_path: Path)
             probe["release"].set()
         assert user.state is PluginState.ACTIVE and user.reload_count == 1
         assert ("start", "sv_user", True) in log
+
+
+def test_the_type_checker_checks_calls_through_a_handle(tmp_path: Path) -> None:
+    from mypy import api
+
+    source = tmp_path / "consumer.py"
+    source.write_text(
+        "from kernel import PluginContext\n"
+        "from tests.kernel.test_services import Counter\n"
+        "async def use(ctx: PluginContext) -> None:\n"
+        "    counter = ctx.services.get(Counter)\n"
+        "    reveal_type(counter)\n"
+        "    n, _ = await counter.bump()\n"
+        "    n.upper()\n"  # an int has no upper(): the result is typed too
+        "    await counter.bump(1)\n"
+        "    reveal_type(ctx.services.handle(Counter).current())\n",
+        encoding="utf-8",
+    )
+    out, _, _ = api.run(
+        [
+            *("--strict", "--follow-imports=silent", "--no-incremental"),
+            *("--cache-dir", str(tmp_path / "cache"), str(source)),
+        ]
+    )
+    assert 'Revealed type is "tests.kernel.test_services.Counter"' in out
+    assert '"int" has no attribute "upper"' in out
+    assert 'Too many arguments for "bump" of "Counter"' in out
+    assert 'Revealed type is "tests.kernel.test_services.Counter | None"' in out
+    assert out.count("error:") == 2, out
