@@ -3,10 +3,14 @@
 A kernel (no builtins beyond the essential ones) runs one directory plugin with 1,000
 commands (cmd0..cmd999). Events are built up front, so the figures measure the kernel
 (parse, lookup, conversation lock, gate, time bound, invocation, reply) and not event
-construction. Three figures:
+construction. Figures:
 
 * sequential: one conversation, one message after the other;
 * concurrent: 100 conversations, one task each, all in one task group;
+* spawned: 100 conversations, a task per message;
+* chat_1: messages that are not commands, one conversation, one `nekobot_on_message`
+  implementation (the benchmark plugin's) answering each;
+* chat_3: the same with two more plugins offered the message first, both declining;
 * baseline: the same loop doing only a dict lookup and the handler call; the
   kernel/baseline ratio stays comparable across machines.
 
@@ -43,6 +47,8 @@ CONVERSATIONS = 100
 #: The command the ordering check uses; it sleeps a little, unevenly.
 UNEVEN = "zzuneven"
 TARGET_MSG_PER_S = 20_000.0
+#: Plugins that decline every message; named to come before PLUGIN (same priority).
+DECLINERS = ("zz_bench_decline_a", "zz_bench_decline_b")
 
 _PLUGIN_SOURCE = f'''\
 """Benchmark plugin: {COMMANDS} trivial commands, and one that takes its time."""
@@ -68,12 +74,30 @@ def nekobot_commands():
         *(CommandSpec(f"cmd{{i}}", _handler) for i in range({COMMANDS})),
         CommandSpec("{UNEVEN}", _uneven),
     ]
+
+
+@hookimpl
+async def nekobot_on_message(event, ctx):
+    return event.text
+'''
+
+_DECLINER_SOURCE = '''\
+"""Benchmark plugin: offered every message that is not a command; declines it."""
+
+from kernel import hookimpl
+
+
+@hookimpl
+async def nekobot_on_message(event, ctx):
+    return None
 '''
 
 
 def write_plugin(plugin_dir: Path) -> None:
-    """The benchmark plugin, as a directory plugin under `plugin_dir`."""
+    """The benchmark plugins, as directory plugins under `plugin_dir`."""
     write_bench_plugin(plugin_dir, PLUGIN, _PLUGIN_SOURCE, "dispatch benchmark")
+    for name in DECLINERS:
+        write_bench_plugin(plugin_dir, name, _DECLINER_SOURCE, "dispatch benchmark: declines")
 
 
 class CountingAdapter:
@@ -103,14 +127,19 @@ class RecordingAdapter:
         await anyio.lowlevel.checkpoint()
 
 
-def _events(bot: Any, n: int, conversations: int) -> list[Any]:
-    """`n` events cycling over the commands, spread round-robin over `conversations` chats.
+def _events(bot: Any, n: int, conversations: int, kind: str) -> list[Any]:
+    """`n` events spread round-robin over `conversations` chats.
 
-    Message i is `/cmd<i mod 1000> <i>`; the handler answers its arguments, so replies
-    show the order messages were handled in.
+    For commands, message i is `/cmd<i mod 1000> <i>`; the handler answers its arguments,
+    so replies show the order messages were handled in. Otherwise it is `hello <i>`,
+    which `nekobot_on_message` echoes.
     """
     return [
-        bot.event(f"/cmd{i % COMMANDS} {i}", chat_id=f"chat-{i % conversations}") for i in range(n)
+        bot.event(
+            f"/cmd{i % COMMANDS} {i}" if kind == "command" else f"hello {i}",
+            chat_id=f"chat-{i % conversations}",
+        )
+        for i in range(n)
     ]
 
 
@@ -165,16 +194,59 @@ async def _per_message(handle: Handle, items: list[Any]) -> Elapsed:
     return _since(start)
 
 
-#: scenario -> (driver, conversations, description)
-SCENARIOS: dict[str, tuple[Callable[[Handle, list[Any]], Awaitable[Elapsed]], int, str]] = {
-    "sequential": (_one_by_one, 1, "1 conversation, one message at a time"),
-    "concurrent": (_per_conversation, CONVERSATIONS, f"{CONVERSATIONS} conversations, a task each"),
-    "spawned": (_per_message, CONVERSATIONS, f"{CONVERSATIONS} conversations, a task per message"),
+Driver = Callable[[Handle, list[Any]], Awaitable[Elapsed]]
+
+#: scenario -> (driver, conversations, kind, description); kind is "command" or the
+#: number of `nekobot_on_message` implementations a non-command message is offered to.
+SCENARIOS: dict[str, tuple[Driver, int, str, str]] = {
+    "sequential": (_one_by_one, 1, "command", "1 conversation, one message at a time"),
+    "concurrent": (
+        _per_conversation,
+        CONVERSATIONS,
+        "command",
+        f"{CONVERSATIONS} conversations, a task each",
+    ),
+    "spawned": (
+        _per_message,
+        CONVERSATIONS,
+        "command",
+        f"{CONVERSATIONS} conversations, a task per message",
+    ),
+    "chat_1": (_one_by_one, 1, "1", "no command, 1 on_message impl answers"),
+    "chat_3": (_one_by_one, 1, "3", "no command, 2 impls decline, then 1 answers"),
 }
 
 
 def _kernel_handle(kernel: Any, adapter: Any) -> Handle:
     return functools.partial(kernel.pipeline.dispatch, adapter=adapter)
+
+
+async def _offered_to(kernel: Any, kind: str) -> None:
+    """Enable the declining plugins for `kind` "3", disable them otherwise."""
+    from kernel import PluginState
+
+    for name in DECLINERS:
+        enabled = kernel.plugins.info(name).state is PluginState.ACTIVE
+        if kind == "3" and not enabled:
+            await kernel.plugins.enable(name)
+        elif kind != "3" and enabled:
+            await kernel.plugins.disable(name)
+
+
+def _chat_baseline_handle(kernel: Any, adapter: Any) -> Handle:
+    """The floor for a non-command message: the answering hookimpl called, then the send."""
+    [function] = [
+        impl.function
+        for plugin, impl, _ in kernel.plugins.hook_index["nekobot_on_message"]
+        if plugin == PLUGIN
+    ]
+    ctx = kernel.plugins.record(PLUGIN).generation.ctx
+    send = adapter.send
+
+    async def handle(event: Any) -> None:
+        await send(event.target, await function(event, ctx))
+
+    return handle
 
 
 def _baseline_handle(kernel: Any, adapter: Any, sample: Any) -> Handle:
@@ -240,22 +312,28 @@ async def _run(opts: argparse.Namespace) -> tuple[dict[str, float], str]:
             adapter = CountingAdapter(yields=not opts.no_yield)
             on_kernel = _kernel_handle(kernel, adapter)
             inputs = {}
-            for name, (_, conversations, _) in SCENARIOS.items():
-                events = _events(bot, n, conversations)
-                names = [e.text[1:].partition(" ")[0] for e in events]
-                inputs[name] = (events, names)
-            on_baseline = _baseline_handle(kernel, adapter, inputs["sequential"][0][0])
+            for name, (_, conversations, kind, _) in SCENARIOS.items():
+                events = _events(bot, n, conversations, kind)
+                if kind == "command":
+                    inputs[name] = (events, [e.text[1:].partition(" ")[0] for e in events])
+                else:
+                    inputs[name] = (events, events)
+            on_command_baseline = _baseline_handle(kernel, adapter, inputs["sequential"][0][0])
+            on_chat_baseline = _chat_baseline_handle(kernel, adapter)
 
             passes: dict[str, list[Elapsed]] = {}
             for _ in range(opts.repeat + 1):  # the first round warms up and is not counted
-                for name, (drive, _, _) in SCENARIOS.items():
+                for name, (drive, _, kind, _) in SCENARIOS.items():
+                    await _offered_to(kernel, kind)
                     events, names = inputs[name]
+                    on_baseline = on_command_baseline if kind == "command" else on_chat_baseline
                     kernel_pass = await _checked(drive(on_kernel, events), adapter, n)
                     base_pass = await _checked(drive(on_baseline, names), adapter, n)
                     passes.setdefault(name, []).append(kernel_pass)
                     passes.setdefault(f"{name}_baseline", []).append(base_pass)
             passes = {name: elapsed[1:] for name, elapsed in passes.items()}
 
+            await _offered_to(kernel, "command")
             profile_text = ""
             if opts.profile:
                 profile_text = await _profile(
@@ -319,14 +397,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     lines = [
         "== dispatch: kernel.pipeline.dispatch throughput ==",
         f"{machine_note()}; {pin_note}",
-        f"{COMMANDS} commands in one directory plugin, pre-built events, counting adapter"
+        f"{COMMANDS} commands and an echoing on_message in one directory plugin (+ 2 declining"
+        " plugins for chat_3), pre-built events, counting adapter"
         + (" (send does not yield)" if opts.no_yield else " (send yields to the loop once)"),
         f"{opts.messages} messages per pass, best of {opts.repeat} passes after a warm-up;"
         " per-conversation order checked",
         f"  {'scenario':<50} {'msg/s':>9} {'(median)':>10} {'msg/CPU-s':>10}"
         f" {'baseline':>10} {'ratio':>7}",
     ]
-    for name, (_, _, description) in SCENARIOS.items():
+    for name, (_, _, _, description) in SCENARIOS.items():
         lines.append(
             f"  {name + ': ' + description:<50} {figures[f'{name}_msg_per_s']:>9,.0f}"
             f" {medians[f'{name}_median_msg_per_s']:>10,.0f}"

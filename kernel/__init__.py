@@ -1,6 +1,6 @@
 """NekoBot's microkernel: hookspecs, the plugin lifecycle, registries and the pipeline."""
 
-from kernel.config import KernelConfig
+from kernel.config import BuiltinPlugin, KernelConfig
 from kernel.context import PluginContext
 from kernel.dependencies import MissingServiceError
 from kernel.errors import (
@@ -19,7 +19,8 @@ from kernel.errors import (
     PluginNotFoundError,
     ReloadError,
 )
-from kernel.hookspecs import hookimpl
+from kernel.events import MessageDispatch
+from kernel.hookspecs import Priority, hookimpl, priority
 from kernel.kernel import Kernel
 from kernel.models import (
     ChannelSpec,
@@ -43,6 +44,7 @@ from kernel.services import ServiceHandle, ServiceUnavailableError
 from kernel.version import __version__
 
 __all__ = [
+    "BuiltinPlugin",
     "ChannelSpec",
     "CommandInvocation",
     "CommandNotFoundError",
@@ -58,6 +60,7 @@ __all__ = [
     "KernelEvent",
     "MCPServerSpec",
     "ManifestError",
+    "MessageDispatch",
     "MessageEvent",
     "MiddlewareSpec",
     "MissingServiceError",
@@ -70,6 +73,7 @@ __all__ = [
     "PluginNotFoundError",
     "PluginSource",
     "PluginState",
+    "Priority",
     "ProviderType",
     "ReloadError",
     "Reply",
@@ -81,4 +85,5 @@ __all__ = [
     "Target",
     "__version__",
     "hookimpl",
+    "priority",
 ]

@@ -13,7 +13,8 @@ import attrs
 import pluggy
 
 from kernel.errors import ContributionError, PluginLoadError
-from kernel.hookspecs import CONTRIBUTION_HOOKS, all_hook_names
+from kernel.hookspecs import CONTRIBUTION_HOOKS, PRIORITISED_HOOKS, all_hook_names
+from kernel.hookspecs.markers import PRIORITY_ATTR
 from kernel.lifecycle import CallCancelledError, Gate, GateCall, GateClosedError
 from kernel.models import (
     ChannelSpec,
@@ -126,6 +127,15 @@ def check_hook_names(owner: str, module: ModuleType, registered: Collection[str]
     unmarked = [a for a in named if a not in registered]
     if unmarked:
         raise PluginLoadError(owner, f"{', '.join(unmarked)} not marked with @hookimpl")
+    # `@priority` elsewhere would be silently ignored: say so instead.
+    ordered = [a for a in named if hasattr(getattr(module, a), PRIORITY_ATTR)]
+    unordered = [a for a in ordered if a not in PRIORITISED_HOOKS]
+    if unordered:
+        raise PluginLoadError(
+            owner,
+            f"@priority on {', '.join(unordered)}: only "
+            f"{', '.join(PRIORITISED_HOOKS)} is called in priority order",
+        )
 
 
 @attrs.frozen

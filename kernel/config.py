@@ -27,6 +27,27 @@ def str_tuple(values: Iterable[str]) -> tuple[str, ...]:
 
 
 @attrs.frozen
+class BuiltinPlugin:
+    """A plugin shipped with an application: its name, its importable module, and whether
+    it is essential (cannot be disabled or deleted, so the API can never lock itself out).
+
+    The kernel imports no plugin by name: a distribution lists its builtins in the
+    `nekobot.builtins` entry-point group (NekoBot's own are `builtin_plugins:BUILTINS`),
+    or an embedding application passes them as `KernelConfig.builtins`.
+    """
+
+    name: str
+    module: str
+    essential: bool = False
+
+
+def _optional_builtins(value: object) -> tuple[BuiltinPlugin, ...] | None:
+    if value is None:
+        return None
+    return tuple(value)  # type: ignore[arg-type]
+
+
+@attrs.frozen
 class KernelConfig:
     """Construction-time settings of one Kernel. Runtime settings live in its storage."""
 
@@ -34,7 +55,12 @@ class KernelConfig:
     data_dir: Path = attrs.field(default=Path("data"), converter=Path)
     #: Directories of user plugins; uploads go into the first one.
     plugin_dirs: tuple[Path, ...] = attrs.field(default=(Path("user_plugins"),), converter=_paths)
-    #: Builtin plugins to discover (None: all of them).
+    #: The builtin plugins the application ships (None: those that installed distributions
+    #: register in the `nekobot.builtins` entry-point group).
+    builtins: tuple[BuiltinPlugin, ...] | None = attrs.field(
+        default=None, converter=_optional_builtins
+    )
+    #: Which of the builtins to load, by name (None: all of them).
     builtin_plugins: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_names)
     #: Discover plugins of the `nekobot.plugins` entry-point group.
     entry_points: bool = True

@@ -12,6 +12,7 @@ from kernel.dependencies import read_declarations
 from kernel.errors import DisposedError
 from kernel.lifecycle import DisposeCallback, Scope, TaskHandle
 from kernel.models import KernelEvent, Reply, Target
+from kernel.private_files import make_private_dir
 from kernel.protocols import WsHub
 from kernel.services import ServiceKey, ServiceRegistry, check_key, service_name
 from kernel.storage import PluginStore
@@ -94,9 +95,9 @@ class PluginContext:
     def data_dir(self) -> Path:
         """A directory for the plugin's files, inside the kernel's data directory."""
         self._check_live("data_dir")
-        path = self._kernel.config.data_dir / "plugin_data" / self.name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        path = self._kernel.config.data_dir / "plugin_data"
+        make_private_dir(path)
+        return make_private_dir(path / self.name)
 
     def provide(self, key: ServiceKey[Any], value: object) -> None:
         """Offer `value` to other plugins as the service `key` (a class, usually a Protocol,

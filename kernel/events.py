@@ -4,6 +4,11 @@ Messages of one conversation are handled in arrival order; different conversatio
 run concurrently. Every handler runs inside its generation's gate (so a reload waits
 for it, and a message that arrives mid-swap is handled once, by the new generation)
 and under a time bound.
+
+One reply per message: a command the registry matches ends the dispatch. Any other
+message is offered to the `nekobot_on_message` implementations one after the other,
+highest `@priority` first (equal priorities in plugin-name order); the first that
+answers, or marks the message handled, ends the dispatch unless it passes it on.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import attrs
+import pluggy
 
-from kernel.calling import call_each
+from kernel.calling import call_impl
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
-from kernel.lifecycle import GateCall, GateClosedError
+from kernel.lifecycle import GateCall, GateClosedError, operating_on
 from kernel.models import CommandInvocation, MessageEvent, Reply, Segment, Target, as_reply
 
 if TYPE_CHECKING:
@@ -33,6 +39,72 @@ class Adapter(Protocol):
 
     async def send(self, target: Target, reply: Reply) -> None:
         """Deliver `reply` to `target`."""
+
+
+#: How a handler's messages reach the conversation being handled (counted as replies).
+Send = Callable[[Reply | str | None], Awaitable[None]]
+
+
+class MessageDispatch:
+    """One `nekobot_on_message` handler's part in the dispatch of one message.
+
+    A handler answers by returning a `Reply` or a `str` (or by sending with
+    `await dispatch.send(...)`), declines by returning None, ends the dispatch without
+    answering with `mark_handled()`, and lets the handlers after it have the message
+    although it answered with `pass_on()`. Valid during the handler's turn only.
+    """
+
+    __slots__ = ("_acted", "_by", "_open", "_passing", "_plugin", "_send")
+
+    def __init__(self, plugin: str, handled_by: tuple[str, ...], send: Send) -> None:
+        self._plugin = plugin
+        self._by = handled_by
+        self._send = send
+        self._acted = False
+        self._passing = False
+        self._open = True
+
+    @property
+    def handled(self) -> bool:
+        """Whether a handler (an earlier one that passed it on, or this one) answered the
+        message or marked it handled."""
+        return self._acted or bool(self._by)
+
+    @property
+    def handled_by(self) -> tuple[str, ...]:
+        """The plugins that answered or marked the message handled, in turn order."""
+        return (*self._by, self._plugin) if self._acted else self._by
+
+    @property
+    def passed_on(self) -> bool:
+        """Whether this handler called `pass_on()`."""
+        return self._passing
+
+    def mark_handled(self) -> None:
+        """End the dispatch after this handler even if it sends nothing (a filter that
+        swallows the message); with `pass_on()`, later handlers see `handled`."""
+        self._check_open("mark_handled")
+        self._acted = True
+
+    def pass_on(self) -> None:
+        """Offer the message to the next handlers even though this one answers it."""
+        self._check_open("pass_on")
+        self._passing = True
+
+    async def send(self, message: Reply | str) -> None:
+        """Send `message` to the conversation now; this handler has then answered."""
+        self._check_open("send")
+        reply = as_reply(message)
+        if reply is None:
+            return
+        self._acted = True
+        await self._send(reply)
+
+    def _check_open(self, what: str) -> None:
+        if not self._open:
+            raise RuntimeError(
+                f"dispatch.{what}() after {self._plugin!r}'s turn has ended (use ctx.send)"
+            )
 
 
 class _Conversation:
@@ -123,12 +195,7 @@ class Pipeline:
         await self._offer(event, send)
         return sent
 
-    async def _run_command(
-        self,
-        event: MessageEvent,
-        parsed: ParsedCommand,
-        send: Callable[[Reply | str | None], Awaitable[None]],
-    ) -> bool:
+    async def _run_command(self, event: MessageEvent, parsed: ParsedCommand, send: Send) -> bool:
         """Run the command `parsed` names; False if no command answers it here."""
         registry = self.kernel.commands
         for _ in range(_MAX_RETRIES):
@@ -160,7 +227,7 @@ class Pipeline:
         call: GateCall,
         event: MessageEvent,
         parsed: ParsedCommand,
-        send: Callable[[Reply | str | None], Awaitable[None]],
+        send: Send,
     ) -> None:
         spec = entry.spec
         ctx = gen.ctx
@@ -195,26 +262,65 @@ class Pipeline:
             return
         await send(_checked_reply(result, ctx.log, entry.qualified))
 
-    async def _offer(
-        self, event: MessageEvent, send: Callable[[Reply | str | None], Awaitable[None]]
-    ) -> None:
-        """Offer a non-command message to every `nekobot_on_message` implementation."""
+    async def _offer(self, event: MessageEvent, send: Send) -> None:
+        """Offer a non-command message to the `nekobot_on_message` implementations in
+        turn (the hook index holds them in priority order) until one answers it."""
         impls = self.kernel.plugins.hook_index.get("nekobot_on_message")
         if not impls:
             return
-        # A generation going away is skipped: its successor is not offered a re-run.
-        outcomes = await call_each(
-            [(p, i, {"event": event, "ctx": g.ctx}, g.gate) for p, i, g in impls],
-            hook="nekobot_on_message",
-            timeout=self.kernel.config.handler_timeout,
-            log=self.kernel.log,
-        )
-        # The hook index is in plugin-name order, and so are the outcomes.
-        for outcome in outcomes:
+        timeout = self.kernel.config.handler_timeout
+        handled_by: tuple[str, ...] = ()
+        # The index is replaced, never changed in place: a reload meanwhile does not
+        # reorder this loop. A generation going away is skipped (its gate refuses the
+        # call) and its successor is not offered a re-run.
+        for plugin, impl, gen in impls:
+            ctx = gen.ctx
+            log = ctx.log if ctx is not None else self.kernel.log
+            dispatch = MessageDispatch(plugin, handled_by, send)
+            for _ in range(_MAX_RETRIES):
+                outcome = await call_impl(
+                    impl,
+                    {"event": event, "ctx": ctx, "dispatch": dispatch},
+                    plugin=plugin,
+                    hook="nekobot_on_message",
+                    timeout=timeout,
+                    log=log,
+                    gate=gen.gate,
+                )
+                if not isinstance(outcome.error, GateClosedError):
+                    break
+                # Its generation is going away: the message waits for the successor, as a
+                # command does, unless this very task is that plugin's operation.
+                successor = await self._successor(plugin, gen)
+                if successor is None:
+                    break
+                impl, gen = successor
+                ctx = gen.ctx
+                log = ctx.log if ctx is not None else self.kernel.log
+            dispatch._open = False
+            # A handler that failed after sending has answered all the same.
             if outcome.error is None and outcome.value is not None:
-                rec = self.kernel.plugins.records.get(outcome.plugin)
-                log = rec.log if rec is not None else self.kernel.log
-                await send(_checked_reply(outcome.value, log, outcome.plugin))
+                reply = _checked_reply(outcome.value, log, plugin)
+                if reply is not None:
+                    dispatch._acted = True
+                    await send(reply)
+            if dispatch._acted:
+                if not dispatch._passing:
+                    return
+                handled_by = dispatch.handled_by
+
+    async def _successor(
+        self, plugin: str, gen: Generation
+    ) -> tuple[pluggy.HookImpl, Generation] | None:
+        """After `plugin`'s operation, its new generation's `nekobot_on_message`, if the
+        plugin is still active and still implements it."""
+        if operating_on(plugin):
+            return None
+        await self.kernel.plugins.settled(plugin)
+        for name, impl, current in self.kernel.plugins.hook_index.get("nekobot_on_message", ()):
+            if name == plugin:
+                return None if current is gen else (impl, current)
+        return None
 
 
 def strip_wake_word(event: MessageEvent, wake_words: Sequence[str]) -> MessageEvent:

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import Token
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +24,6 @@ import pluggy
 from kernel.calling import (
     Contributions,
     call_impl,
-    check_hook_names,
-    collect_contributions,
     impls_of,
 )
 from kernel.commands import CommandEntry
@@ -35,7 +34,9 @@ from kernel.errors import (
     PluginError,
     PluginLoadError,
 )
-from kernel.lifecycle import Gate, Scope
+from kernel.hookspecs import PRIORITISED_HOOKS
+from kernel.hookspecs.markers import priority_of
+from kernel.lifecycle import Gate, Scope, begin_operation, end_operation
 from kernel.loader import (
     ImportedGeneration,
     PluginCandidate,
@@ -49,6 +50,7 @@ from kernel.models import (
     PluginState,
 )
 from kernel.plugin_config import validate_config
+from kernel.staging import import_generation, register_generation
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -230,22 +232,12 @@ class GenerationOps:
                 check_compatible(cand.manifest)
             except NekoError as exc:
                 raise PluginLoadError(name, exc.message) from None
-        try:
-            imported = await anyio.to_thread.run_sync(
-                lambda: self.kernel.loader.import_plugin(cand, fresh=True)
-            )
-        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() must not stop us
-            raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from exc
+        imported = await anyio.to_thread.run_sync(import_generation, self.kernel.loader, cand)
         rec.generations += 1
         pm_name = f"{name}#{rec.generations}"
         try:
-            try:
-                self.pm.register(_registrable(self.pm, imported.module), name=pm_name)
-            except Exception as exc:
-                raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
-            hooks = self._hooks_of(pm_name)
-            check_hook_names(name, imported.module, hooks)
-            contributions = collect_contributions(self.pm, pm_name, name)
+            module = _registrable(self.pm, imported.module)
+            hooks, contributions = register_generation(self.pm, module, pm_name, name)
             schema = contributions.config_schema or (
                 cand.manifest.config_schema if cand.manifest else None
             )
@@ -271,11 +263,6 @@ class GenerationOps:
         """Refuse a staged generation whose required services are not served (the
         manager's); `_stage` rolls `gen` back."""
 
-    def _hooks_of(self, pm_name: str) -> tuple[str, ...]:
-        plugin = self.pm.get_plugin(pm_name)
-        callers = self.pm.get_hookcallers(plugin) or []
-        return tuple(sorted(c.name for c in callers))
-
     def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
         for registry, items in registry_items(self.kernel, c):
             registry.check(name, items, replacing=replacing)
@@ -288,8 +275,10 @@ class GenerationOps:
             k.commands.add(name, gen.commands)
         for registry, items in registry_items(k, c):
             registry.replace_owner(name, items, gen)
-        top = rec.candidate.module.partition(".")[0]
-        self.module_owners[rec.candidate.module if top == "builtin_plugins" else top] = name
+        cand = rec.candidate
+        # Builtins share their distribution's top-level package: attribute by full module.
+        builtin = cand.source is PluginSource.BUILTIN
+        self.module_owners[cand.module if builtin else cand.module.partition(".")[0]] = name
         k.asgi_app.rebuild()
 
     def _drop_registries(self, name: str, *, transfer: bool) -> None:
@@ -467,6 +456,9 @@ class GenerationOps:
             for hook in gen.hooks:
                 for impl in impls_of(self.pm, hook, gen.pm_name):
                     index.setdefault(hook, []).append((name, impl, gen))
+        for hook in PRIORITISED_HOOKS:
+            # Stable: equal priorities stay in plugin-name order, whatever pluggy's is.
+            index.get(hook, []).sort(key=lambda entry: -priority_of(entry[1].function))
         self.hook_index = index
 
     async def _persist_enabled(self, rec: PluginRecord) -> None:
@@ -494,13 +486,17 @@ class Operation:
     def __init__(self, rec: PluginRecord) -> None:
         self.rec = rec
         self._shield = anyio.CancelScope(shield=True)
+        self._token: Token[frozenset[str]] | None = None
 
     async def __aenter__(self) -> None:
         await self.rec.lock.acquire()
         self.rec.idle = anyio.Event()
         self._shield.__enter__()
+        self._token = begin_operation(self.rec.name)
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        if self._token is not None:
+            end_operation(self._token)
         self._shield.__exit__(*exc_info)
         self.rec.idle.set()
         self.rec.lock.release()

@@ -28,13 +28,11 @@ import os
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 import attrs
-import pluggy
 
 from kernel.archive import (
     ArchiveLimits,
@@ -43,7 +41,7 @@ from kernel.archive import (
     inspect_archive,
     remove_staging,
 )
-from kernel.calling import Contributions, check_hook_names, collect_contributions
+from kernel.calling import Contributions
 from kernel.deps import (
     DependencyStatus,
     changed_distributions,
@@ -61,10 +59,10 @@ from kernel.errors import (
     PluginLoadError,
 )
 from kernel.generations import STATE_SECTION, registry_items
-from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import PluginCandidate, shadows_module
 from kernel.manifest import check_compatible
 from kernel.models import CommandConflict, PluginInfo, PluginManifest, PluginSource, PluginState
+from kernel.staging import import_generation, new_plugin_manager, register_generation
 
 if TYPE_CHECKING:
     from kernel.generations import PluginRecord
@@ -446,12 +444,10 @@ def _import_staged(
     previous = roots.get(name)
     candidate = PluginCandidate(name, PluginSource.USER, name, manifest, staged)
     try:
+        imported = import_generation(loader, candidate)
         try:
-            imported = loader.import_plugin(candidate, fresh=True)
-        except (Exception, SystemExit) as exc:
-            raise PluginLoadError(name, f"import failed: {type(exc).__name__}: {exc}") from None
-        try:
-            return _contributions_of(name, imported.module)
+            pm = new_plugin_manager()  # the kernel's own must not see the staged module
+            return register_generation(pm, imported.module, f"{name}#staged", name)[1]
         finally:
             imported.rollback()
     finally:
@@ -459,24 +455,6 @@ def _import_staged(
             roots.pop(name, None)
         else:
             roots[name] = previous
-
-
-def _contributions_of(name: str, module: ModuleType) -> Contributions:
-    """Check a module's hookimpls as loading would, and call its contribution hooks."""
-    # A throwaway plugin manager: the kernel's own must not see the staged module.
-    pm = pluggy.PluginManager(PROJECT)
-    for spec in SPEC_MODULES:
-        pm.add_hookspecs(spec)
-    pm_name = f"{name}#staged"
-    try:
-        pm.register(module, name=pm_name)
-    except Exception as exc:
-        raise PluginLoadError(name, f"invalid hook implementation: {exc}") from None
-    check_hook_names(name, module, {c.name for c in pm.get_hookcallers(module) or []})
-    try:
-        return collect_contributions(pm, pm_name, name)
-    except NekoError as exc:
-        raise PluginLoadError(name, exc.message) from None
 
 
 # -- moving the package into place -----------------------------------------------------

@@ -40,6 +40,7 @@ from kernel.models import (
     ProviderType,
     make_converter,
 )
+from kernel.private_files import make_data_dir
 from kernel.registry import OwnedRegistry
 from kernel.services import ServiceRegistry
 from kernel.settings import (
@@ -115,10 +116,10 @@ class Kernel:
         return self._tg
 
     async def __aenter__(self) -> Self:
-        await anyio.to_thread.run_sync(
-            lambda: self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        )
+        open_data_dir = await anyio.to_thread.run_sync(make_data_dir, self.config.data_dir)
         await anyio.to_thread.run_sync(self.logging.start)  # opens and reads the log file
+        if open_data_dir is not None:
+            self.log.warning("%s", open_data_dir)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg

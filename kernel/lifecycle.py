@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 import anyio
@@ -31,6 +31,28 @@ class CallCancelledError(Exception):
 # request disabling the plugin whose middleware it passed) be neither waited for nor
 # cancelled by that retirement.
 _CALLS: ContextVar[tuple[GateCall, ...]] = ContextVar("nekobot_gate_calls", default=())
+
+
+# The plugins whose lifecycle operation (enable, reload, ...) the current task runs,
+# stop hooks included. A message it dispatches meanwhile must not wait for that operation
+# to end: it would wait for itself.
+_OPERATIONS: ContextVar[frozenset[str]] = ContextVar("nekobot_operations", default=frozenset())
+
+
+def begin_operation(name: str) -> Token[frozenset[str]]:
+    """Mark the current task as running an operation on plugin `name` (see `operating_on`);
+    pass the token to `end_operation`."""
+    return _OPERATIONS.set(_OPERATIONS.get() | {name})
+
+
+def end_operation(token: Token[frozenset[str]]) -> None:
+    """Undo `begin_operation`."""
+    _OPERATIONS.reset(token)
+
+
+def operating_on(name: str) -> bool:
+    """Whether the current task runs (or was started by) an operation on plugin `name`."""
+    return name in _OPERATIONS.get()
 
 
 def detach_from_calls() -> None:

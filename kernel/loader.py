@@ -21,11 +21,16 @@ from types import CodeType, ModuleType
 
 import attrs
 
+from kernel.config import BuiltinPlugin
 from kernel.errors import ManifestError, NekoError
 from kernel.manifest import MANIFEST_FILE, check_plugin_name, load_manifest
 from kernel.models import PluginManifest, PluginSource
 
 ENTRY_POINT_GROUP = "nekobot.plugins"
+#: Entry points of this group name sequences of `BuiltinPlugin`: how a distribution (NekoBot
+#: itself, or an application built on the kernel) offers the plugins it ships, so that the
+#: kernel never imports them by name.
+BUILTINS_GROUP = "nekobot.builtins"
 
 
 @attrs.frozen
@@ -61,11 +66,38 @@ def _module_dir(module: str) -> Path | None:
     return Path(spec.origin).parent if spec.origin else None
 
 
-def discover_builtins(names: Iterable[str], essential: frozenset[str]) -> list[PluginCandidate]:
-    """The builtin plugins `names` (packages of `builtin_plugins`)."""
+def registered_builtins() -> tuple[BuiltinPlugin, ...]:
+    """The builtin plugins that installed distributions register in the `nekobot.builtins`
+    entry-point group (blocking: reads package metadata and imports the listed objects)."""
+    found: list[BuiltinPlugin] = []
+    for ep in importlib.metadata.entry_points(group=BUILTINS_GROUP):
+        value = ep.load()
+        items = value() if callable(value) else value
+        for item in items:
+            if not isinstance(item, BuiltinPlugin):
+                raise TypeError(
+                    f"entry point {ep.name!r} of {BUILTINS_GROUP!r} lists "
+                    f"{type(item).__name__}, not BuiltinPlugin"
+                )
+            found.append(item)
+    return tuple(found)
+
+
+def discover_builtins(
+    builtins: Iterable[BuiltinPlugin], names: Iterable[str] | None = None
+) -> list[PluginCandidate]:
+    """Candidates for `builtins` (all of them, or those named in `names`)."""
+    by_name = {b.name: b for b in builtins}
     found = []
-    for name in names:
-        module = f"builtin_plugins.{name}"
+    for name in sorted(by_name) if names is None else list(names):
+        builtin = by_name.get(name)
+        if builtin is None:
+            problem = f"no builtin plugin {name!r} is registered"
+            found.append(
+                PluginCandidate(name, PluginSource.BUILTIN, name, None, None, False, problem)
+            )
+            continue
+        module = builtin.module
         directory = _module_dir(module)
         try:
             if directory is None:
@@ -76,13 +108,13 @@ def discover_builtins(names: Iterable[str], essential: frozenset[str]) -> list[P
         except NekoError as exc:
             found.append(
                 PluginCandidate(
-                    name, PluginSource.BUILTIN, module, None, directory, name in essential, str(exc)
+                    name, PluginSource.BUILTIN, module, None, directory, builtin.essential, str(exc)
                 )
             )
             continue
         found.append(
             PluginCandidate(
-                name, PluginSource.BUILTIN, module, manifest, directory, name in essential
+                name, PluginSource.BUILTIN, module, manifest, directory, builtin.essential
             )
         )
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+
+from kernel.private_files import make_private_dir, make_private_file, tighten
 
 
 @attrs.frozen
@@ -143,6 +146,15 @@ def read_log_file(
     return out
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Creates its files with mode 0600 whatever the umask: records quote what plugins
+    and requests log, which only the bot's user should read."""
+
+    def _open(self) -> io.TextIOWrapper:
+        make_private_file(Path(self.baseFilename))
+        return super()._open()
+
+
 class _FileWriter(threading.Thread):
     """Writes records to the log file in batches, off the event loop: one write (and one
     flush) for whatever queued up meanwhile, rotating by size like
@@ -151,9 +163,12 @@ class _FileWriter(threading.Thread):
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         super().__init__(name="nekobot-log-file", daemon=True)
         self.queue: queue.SimpleQueue[LogRecord | None] = queue.SimpleQueue()
-        self._handler = logging.handlers.RotatingFileHandler(
+        self._handler = _PrivateRotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
         )
+        # Files an earlier version, or another umask, left readable by others.
+        for old in (path, *(path.with_name(f"{path.name}.{i}") for i in range(1, backups + 1))):
+            tighten(old)
         self._max_bytes = max_bytes
 
     def run(self) -> None:
@@ -201,7 +216,7 @@ class KernelLogging:
 
     def start(self) -> None:
         """Attach the handler; the file is written by a thread of its own, not the loop."""
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._log_dir)
         # Numbering goes on from the file's last record: the file holds earlier runs too,
         # and `seq` orders its records.
         tail = read_log_file(self.file, max_bytes=64 << 10)

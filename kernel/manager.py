@@ -37,12 +37,12 @@ from kernel.generations import (
     GenerationOps,
     PluginRecord,
 )
-from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.loader import (
     PluginCandidate,
     discover_builtins,
     discover_directory,
     discover_entry_points,
+    registered_builtins,
     shadows_module,
 )
 from kernel.models import (
@@ -55,6 +55,7 @@ from kernel.models import (
 )
 from kernel.plugin_config import validate_config, with_defaults
 from kernel.services import service_name
+from kernel.staging import new_plugin_manager
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -65,9 +66,7 @@ class PluginManager(GenerationOps):
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self.pm = pluggy.PluginManager(PROJECT)
-        for module in SPEC_MODULES:
-            self.pm.add_hookspecs(module)
+        self.pm = new_plugin_manager()
         self.records: dict[str, PluginRecord] = {}
         #: hook name -> [(plugin, impl, generation)] of active generations, by plugin name.
         self.hook_index: dict[str, list[tuple[str, pluggy.HookImpl, Generation]]] = {}
@@ -81,11 +80,12 @@ class PluginManager(GenerationOps):
 
     def discover(self) -> list[PluginCandidate]:
         """Every plugin candidate the kernel's configuration makes visible (blocking I/O)."""
-        from builtin_plugins import BUILTIN_PLUGINS, ESSENTIAL_PLUGINS
-
         config = self.kernel.config
-        names = BUILTIN_PLUGINS if config.builtin_plugins is None else config.builtin_plugins
-        found = discover_builtins(names, ESSENTIAL_PLUGINS)
+        names = config.builtin_plugins
+        found: list[PluginCandidate] = []
+        if names is None or names:  # an empty selection needs no package metadata
+            builtins = registered_builtins() if config.builtins is None else config.builtins
+            found = discover_builtins(builtins, names)
         if config.entry_points:
             found.extend(discover_entry_points())
         for directory in config.plugin_dirs:

@@ -22,6 +22,8 @@ import anyio
 import anyio.to_thread
 
 from kernel.errors import NekoError
+from kernel.portable_sql import check_portable
+from kernel.private_files import private_database
 
 __all__ = [
     "KERNEL_MIGRATIONS",
@@ -192,6 +194,9 @@ class Storage:
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before SQLite opens it: its -wal and -shm (the WAL holds recent writes,
+        # password hashes included) take the database file's mode.
+        private_database(self._path)
         conn = sqlite3.connect(
             self._path,
             check_same_thread=False,
@@ -492,7 +497,12 @@ class PluginStore:
         return f"p_{self._plugin}__{_validate_table_name(name)}"
 
     def expand(self, sql: str) -> str:
-        """Replace every ``{t:NAME}`` placeholder in ``sql`` by :meth:`table` of ``NAME``."""
+        """Replace every ``{t:NAME}`` placeholder in ``sql`` by :meth:`table` of ``NAME``.
+
+        Refuses (NonPortableSQLError) SQL that only SQLite runs: a plugin's SQL must run
+        on every storage backend (docs/storage.md).
+        """
+        check_portable(sql)
         return _PLACEHOLDER_RE.sub(lambda match: self.table(match.group(1)), sql)
 
     async def schema_version(self) -> int:

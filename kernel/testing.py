@@ -91,7 +91,7 @@ async def running_kernel(
     data_dir: Path,
     *,
     plugin_dirs: Sequence[Path] = (),
-    builtin_plugins: Sequence[str] = (),
+    builtin_plugins: Sequence[str] | None = (),
     **options: Any,
 ) -> AsyncIterator[Kernel]:
     """A kernel for tests: no entry points, no hot reload and no watchdog unless asked."""
@@ -101,7 +101,7 @@ async def running_kernel(
     config = KernelConfig(
         data_dir=data_dir,
         plugin_dirs=tuple(plugin_dirs),
-        builtin_plugins=tuple(builtin_plugins),
+        builtin_plugins=None if builtin_plugins is None else tuple(builtin_plugins),
         **options,
     )
     async with Kernel(config) as kernel:

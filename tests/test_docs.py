@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PLUGIN = EXAMPLES / "plugins" / "neko_weather"
-#: The example's own test files, each run with pytest as a plugin author would.
-EXAMPLE_TESTS = ("test_neko_weather.py", "test_neko_services.py")
+CHAT_PLUGINS = EXAMPLES / "chat_plugins"
 
 #: Files that a page must show in full.
 SHOWN_IN_FULL = {
@@ -38,6 +37,9 @@ SHOWN_IN_FULL = {
         PLUGIN / "plugin.toml",
         PLUGIN / "__init__.py",
         EXAMPLES / "test_neko_weather.py",
+        CHAT_PLUGINS / "neko_greeter" / "__init__.py",
+        CHAT_PLUGINS / "neko_parrot" / "__init__.py",
+        EXAMPLES / "test_neko_reply_rule.py",
         EXAMPLES / "neko_counter_api.py",
         EXAMPLES / "plugins" / "neko_counter_service" / "__init__.py",
         EXAMPLES / "plugins" / "neko_counter_user" / "__init__.py",
@@ -180,9 +182,8 @@ async def test_example_plugin_runs_in_a_kernel(tmp_path: Path) -> None:
         assert await bot.receive("/weather") == []
 
 
-@pytest.mark.parametrize("name", EXAMPLE_TESTS)
-def test_example_tests_pass(name: str) -> None:
-    test_file = EXAMPLES / name
+@pytest.mark.parametrize("test_file", sorted(EXAMPLES.glob("test_*.py")), ids=lambda p: p.name)
+def test_example_tests_pass(test_file: Path) -> None:
     tests = [
         node.name
         for node in ast.parse(test_file.read_text(encoding="utf-8")).body

@@ -17,6 +17,7 @@ is written by the relay; the bot only
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,15 +29,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from builtin_plugins.api import fanout
 from builtin_plugins.api.fanout import Followup, encode
-
-if TYPE_CHECKING:
-    from builtin_plugins.api.hub import Hub
+from kernel import Kernel
 
 log = logging.getLogger("nekobot.api.relay")
 
@@ -51,10 +50,33 @@ STOP_TIMEOUT = 3.0
 StartTask = Callable[..., Any]
 
 
+class RelayHost(Protocol):
+    """What a relay link needs of the hub that starts it (the hub imports this module;
+    this module names the hub only through this protocol, so neither imports the other
+    in a cycle)."""
+
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel whose channels the relay serves."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The bot's event loop."""
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The claims of a valid token, or None."""
+
+    def token_valid(self, claims: Mapping[str, Any]) -> bool:
+        """Whether a connection's token still holds."""
+
+    async def followup(self, kind: str, channel: str, data: Any) -> dict[str, Any] | None:
+        """Run one follow-up of a client action: the reply, if any."""
+
+
 class RelayLink:
     """One relay process, and the connections the bot handed to it."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: RelayHost) -> None:
         self.hub = hub
         self.alive = False
         #: The relay's process id, once it is ready.

@@ -77,25 +77,50 @@ async def login(request: Request) -> JSONResponse:
         request, {"username": str, "password": str}, required=("username", "password")
     )
     username = body["username"]
-    keys = (f"ip:{_client(request)}", f"user:{username.casefold()}")
-    wait = service.limiter.retry_after(*keys)
-    if wait > 0:
-        raise_limited(wait)
-    account = await service.check_password(username, body["password"])
+    keys = _attempt_keys(request, username)
+    account = await _limited_check(service, keys, username, body["password"])
     if account is None:
-        service.limiter.failed(*keys)
         raise ApiError(401, "wrong username or password", "invalid_credentials")
     service.limiter.succeeded(*keys)
+    data = _new_token(service, username, bool(account.get("must_change_password")))
+    return JSONResponse(
+        {
+            "status": "success",
+            "data": data,
+            "access_token": data["access_token"],
+            "token_type": "bearer",
+        }
+    )
+
+
+def _attempt_keys(request: Request, username: str) -> tuple[str, str]:
+    """What password attempts count against: the client address and the account."""
+    return (f"ip:{_client(request)}", f"user:{username.casefold()}")
+
+
+async def _limited_check(
+    service: AuthService, keys: tuple[str, ...], username: str, password: str
+) -> dict[str, Any] | None:
+    """Check a password under the login limiter (429 when `keys` used up their tries).
+
+    The attempt is counted before the scrypt call: that runs in a thread, and attempts
+    waiting for it must already count against the limit (the caller refunds a success).
+    """
+    wait = service.limiter.reserve(*keys)
+    if wait > 0:
+        raise_limited(wait)
+    return await service.check_password(username, password)
+
+
+def _new_token(service: AuthService, username: str, must_change: bool) -> dict[str, Any]:
+    """The token fields of the login answer, for a token issued now."""
     token, ttl = service.issue(username)
-    data = {
+    return {
         "access_token": token,
         "token_type": "bearer",
         "expires_in": ttl,
-        "must_change_password": bool(account.get("must_change_password")),
+        "must_change_password": must_change,
     }
-    return JSONResponse(
-        {"status": "success", "data": data, "access_token": token, "token_type": "bearer"}
-    )
 
 
 def raise_limited(wait: float) -> None:
@@ -103,7 +128,7 @@ def raise_limited(wait: float) -> None:
     seconds = max(1, int(wait + 0.999))
     raise ApiError(
         429,
-        f"too many failed logins; retry in {seconds} s",
+        f"too many failed password attempts; retry in {seconds} s",
         "rate_limited",
         {"retry_after": seconds},
         headers={"Retry-After": str(seconds)},
@@ -127,8 +152,11 @@ async def change_password(request: Request) -> JSONResponse:
         required=("old_password", "new_password"),
     )
     username = request.scope[PRINCIPAL]["username"]
-    if await service.check_password(username, body["old_password"]) is None:
+    # A stolen token must not be a way around the login limiter to guess the password.
+    keys = _attempt_keys(request, username)
+    if await _limited_check(service, keys, username, body["old_password"]) is None:
         raise ApiError(400, "old_password is wrong", "invalid_field", {"field": "old_password"})
+    service.limiter.succeeded(*keys)
     new = body["new_password"]
     if len(new) < 8 or new == body["old_password"]:
         raise ApiError(
@@ -138,7 +166,8 @@ async def change_password(request: Request) -> JSONResponse:
             {"field": "new_password"},
         )
     await service.set_password(username, new, must_change=False)
-    return success({"changed": True})
+    # The change voided the caller's token with the others: the answer carries its new one.
+    return success({"changed": True, **_new_token(service, username, False)})
 
 
 async def account(request: Request) -> JSONResponse:
@@ -158,6 +187,8 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
     secret = await anyio.to_thread.run_sync(load_secret, ctx.kernel.config.data_dir)
     kernel = ctx.kernel
     service = AuthService(ctx.store, secret, lambda: kernel.settings)
+    # Sees passwords reset by the CLI while the bot runs; it waits a poll before reading.
+    ctx.start_task(service.follow_versions, ctx.log, name="auth: follow token versions")
     await service.start()
     ctx.provide(protocols.AuthService, service)
 
@@ -165,6 +196,16 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
 @hookimpl
 def nekobot_http_middleware() -> Iterable[MiddlewareSpec]:
     return [MiddlewareSpec("auth", AuthMiddleware, order=0)]
+
+
+#: The token fields of the login and password-change answers.
+_TOKEN_FIELDS: dict[str, Any] = {
+    "access_token": STR,
+    "token_type": {"const": "bearer"},
+    "expires_in": {"type": "integer"},
+    "must_change_password": BOOL,
+}
+_TOKEN_REQUIRED = tuple(_TOKEN_FIELDS)
 
 
 @hookimpl
@@ -179,17 +220,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             summary="Log in and get a bearer token",
             openapi=operation(
                 json_body({"username": STR, "password": STR}, ("username", "password")),
-                returns(
-                    obj(
-                        {
-                            "access_token": STR,
-                            "token_type": {"const": "bearer"},
-                            "expires_in": {"type": "integer"},
-                            "must_change_password": BOOL,
-                        },
-                        ("access_token", "token_type", "expires_in", "must_change_password"),
-                    )
-                ),
+                returns(obj(_TOKEN_FIELDS, _TOKEN_REQUIRED)),
             ),
         ),
         RouteSpec(
@@ -224,7 +255,11 @@ def nekobot_routes() -> Iterable[RouteSpec]:
                     {"old_password": STR, "new_password": {**STR, "minLength": 8}},
                     ("old_password", "new_password"),
                 ),
-                returns(obj({"changed": {"const": True}})),
+                returns(
+                    obj(
+                        {"changed": {"const": True}, **_TOKEN_FIELDS}, ("changed", *_TOKEN_REQUIRED)
+                    )
+                ),
             ),
         ),
     ]

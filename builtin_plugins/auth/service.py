@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -16,6 +17,7 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from kernel.private_files import tighten
 from kernel.settings import Settings
 from kernel.storage import PluginStore
 
@@ -27,6 +29,9 @@ MAX_TRACKED_KEYS = 10_000
 #: Stored instead of a hash while the default account has the documented default password.
 DEFAULT_MARK = "default$"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+#: How often a running bot re-reads the accounts' token versions: `nekobot admin
+#: reset-password` is another process writing the same database.
+VERSION_POLL_SECONDS = 5.0
 
 
 def hash_password(password: str) -> str:
@@ -59,6 +64,7 @@ def load_secret(data_dir: Path) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        tighten(path)  # one written by hand, or copied in, may be readable by others
         return path.read_text(encoding="utf-8").strip()
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         secret = secrets.token_urlsafe(48)
@@ -88,6 +94,16 @@ class LoginLimiter:
                 del self._failures[key]
             elif len(times) >= self.max_failures:
                 wait = max(wait, self.window - (now - times[0]))
+        return wait
+
+    def reserve(self, *keys: str) -> float:
+        """Count one attempt against each key now, if all may try; else the seconds to
+        wait (nothing counted). Check and count are one step without an await between
+        them, so logins in flight at once cannot all pass before any is counted; a
+        success refunds the attempt (`succeeded`)."""
+        wait = self.retry_after(*keys)
+        if wait <= 0:
+            self.failed(*keys)
         return wait
 
     def failed(self, *keys: str) -> None:
@@ -126,8 +142,13 @@ class AuthService:
         self.revoked: dict[str, float] = {}
         #: Tokens whose signature was verified, oldest first (bounded).
         self._checked: dict[str, dict[str, Any]] = {}
-        #: username -> epoch second before which its tokens are void (its password changed).
+        #: username -> its token version: a token carrying another (`ver`) is void. Each
+        #: password change bumps it, so tokens of the same second die too.
+        self.versions: dict[str, int] = {}
+        #: username -> epoch second before which its tokens are void: the whole-second
+        #: rule of accounts whose password was last changed before token versions.
         self.not_before: dict[str, int] = {}
+        self._password_lock = anyio.Lock()
         self._dummy_hash: str | None = None
 
     @property
@@ -148,10 +169,7 @@ class AuthService:
         await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (time.time(),))
         rows = await self.store.fetchall("SELECT jti, exp FROM {t:revoked}")
         self.revoked = {jti: exp for jti, exp in rows}
-        for key in await self.store.kv_keys():
-            value = await self.store.kv_get(key) if key.startswith("account:") else None
-            if isinstance(value, dict) and isinstance(value.get("tokens_after"), int):
-                self.not_before[key.removeprefix("account:")] = value["tokens_after"]
+        await self.load_versions()
         if (
             await self.store.kv_get(f"account:{DEFAULT_USER}") is None
             and not await self.store.kv_keys()
@@ -162,16 +180,52 @@ class AuthService:
                 {"password_hash": DEFAULT_MARK, "must_change_password": True},
             )
 
+    async def load_versions(self) -> None:
+        """Read the accounts' token versions from the store (at start, and every
+        `VERSION_POLL_SECONDS` to see a password another process changed)."""
+        for key, value in (await self.store.kv_items()).items():
+            if not key.startswith("account:") or not isinstance(value, dict):
+                continue
+            username = key.removeprefix("account:")
+            stored = value.get("token_version")
+            if isinstance(stored, int) and stored > self.versions.get(username, 0):
+                self.versions[username] = stored  # a version only ever goes up
+                self.not_before.pop(username, None)
+            elif isinstance(value.get("tokens_after"), int) and username not in self.versions:
+                self.not_before[username] = value["tokens_after"]
+
+    async def follow_versions(self, log: logging.LoggerAdapter[logging.Logger]) -> None:
+        """Re-read the token versions every `VERSION_POLL_SECONDS`, for good."""
+        while True:
+            await anyio.sleep(VERSION_POLL_SECONDS)
+            try:
+                await self.load_versions()
+            except Exception:  # a busy or failing database must not end the watch
+                log.warning("could not re-read the token versions", exc_info=True)
+
     async def set_password(self, username: str, password: str, *, must_change: bool) -> None:
-        """Store a new password hash for `username`; the tokens issued before are void
-        (a leaked token must not outlive the password change meant to stop it)."""
+        """Store a new password hash for `username`; every token issued before is void at
+        once, even one of the same second (a leaked token must not outlive the password
+        change meant to stop it): the account's token version goes up."""
         hashed = await anyio.to_thread.run_sync(hash_password, password)
-        now = int(time.time())
-        await self.store.kv_set(
-            f"account:{username}",
-            {"password_hash": hashed, "must_change_password": must_change, "tokens_after": now},
-        )
-        self.not_before[username] = now
+        # Serialized: two changes at once must not both take the same next version.
+        async with self._password_lock:
+            stored = await self.account(username) or {}
+            previous = stored.get("token_version")
+            version = max(
+                previous if isinstance(previous, int) else 0, self.versions.get(username, 0)
+            )
+            await self.store.kv_set(
+                f"account:{username}",
+                {
+                    "password_hash": hashed,
+                    "must_change_password": must_change,
+                    "token_version": version + 1,
+                },
+            )
+            self.versions[username] = version + 1
+            # Tokens before versions carry none (version 0): void now without the old rule.
+            self.not_before.pop(username, None)
 
     async def account(self, username: str) -> dict[str, Any] | None:
         """The stored account, or None."""
@@ -206,7 +260,13 @@ class AuthService:
         """A signed token for `username` and its lifetime in seconds."""
         now = int(time.time())
         ttl = self._settings().token_ttl_seconds
-        claims = {"sub": username, "iat": now, "exp": now + ttl, "jti": secrets.token_hex(16)}
+        claims = {
+            "sub": username,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": secrets.token_hex(16),
+            "ver": self.versions.get(username, 0),
+        }
         return jwt.encode(claims, self.secret, algorithm="HS256"), ttl
 
     def verify(self, token: str) -> dict[str, Any] | None:
@@ -235,16 +295,22 @@ class AuthService:
         return dict(claims) if self.still_valid(claims) else None
 
     def still_valid(self, claims: Mapping[str, Any]) -> bool:
-        """False once verified claims expired, were revoked (logout) or predate their
-        account's last password change; an open WebSocket is checked by this too."""
+        """False once verified claims expired, were revoked (logout) or were issued before
+        their account's last password change; an open WebSocket is checked by this too."""
         try:
             expires, issued = float(claims["exp"]), float(claims["iat"])
         except (KeyError, TypeError, ValueError):
             return False
+        username = str(claims.get("sub"))
+        # A token from before token versions has no `ver`: version 0, as its account has
+        # until its next password change.
+        version = claims.get("ver", 0)
         return (
             expires > time.time()
             and claims.get("jti") not in self.revoked
-            and issued >= self.not_before.get(str(claims.get("sub")), 0)
+            and type(version) is int
+            and version == self.versions.get(username, 0)
+            and issued >= self.not_before.get(username, 0)
         )
 
     async def revoke(self, claims: Mapping[str, Any]) -> None:
@@ -256,6 +322,8 @@ class AuthService:
             del self.revoked[old]
         self.revoked[jti] = exp
         await self.store.execute(
-            "INSERT OR REPLACE INTO {t:revoked} (jti, exp) VALUES (?, ?)", (jti, exp)
+            "INSERT INTO {t:revoked} (jti, exp) VALUES (?, ?) "
+            "ON CONFLICT (jti) DO UPDATE SET exp = excluded.exp",
+            (jti, exp),
         )
         await self.store.execute("DELETE FROM {t:revoked} WHERE exp < ?", (now,))

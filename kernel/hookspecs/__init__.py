@@ -8,7 +8,7 @@ async; the kernel awaits each hookimpl under a time bound and isolates its error
 from types import ModuleType
 
 from kernel.hookspecs import commands, config, events, http, lifecycle, llm, mcp, platforms
-from kernel.hookspecs.markers import PROJECT, hookimpl, hookspec
+from kernel.hookspecs.markers import PROJECT, Priority, hookimpl, hookspec, priority
 
 SPEC_MODULES: tuple[ModuleType, ...] = (
     lifecycle,
@@ -33,6 +33,9 @@ CONTRIBUTION_HOOKS: tuple[str, ...] = (
     "nekobot_config_schema",
 )
 
+#: Hooks whose implementations are called in `@priority` order (the others ignore it).
+PRIORITISED_HOOKS: tuple[str, ...] = ("nekobot_on_message",)
+
 
 def all_hook_names() -> tuple[str, ...]:
     """The names of every hookspec, in declaration order."""
@@ -44,9 +47,12 @@ def all_hook_names() -> tuple[str, ...]:
 
 __all__ = [
     "CONTRIBUTION_HOOKS",
+    "PRIORITISED_HOOKS",
     "PROJECT",
     "SPEC_MODULES",
+    "Priority",
     "all_hook_names",
     "hookimpl",
     "hookspec",
+    "priority",
 ]

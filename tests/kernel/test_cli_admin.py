@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from kernel.cli import is_loopback, main
+from kernel.protocols import AuthService
 from kernel.testing import running_kernel
 
 BUILTINS = ["api", "auth"]
@@ -101,3 +102,75 @@ def test_run_refuses_non_loopback_with_default_password(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "refusing to listen on 0.0.0.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reset_password_voids_tokens_of_the_same_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from types import SimpleNamespace
+
+    import anyio
+
+    from builtin_plugins.auth import service
+
+    # The auth service's clock stopped inside one second: the token and the reset share it.
+    frozen = int(time.time()) + 0.25
+    monkeypatch.setattr(
+        service, "time", SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic)
+    )
+    data = tmp_path / "data"
+    monkeypatch.chdir(tmp_path)
+
+    async def issue() -> str:
+        async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+            return str(kernel.services.current(AuthService).issue("nekobot")[0])
+
+    async def valid(token: str) -> bool:
+        async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+            return kernel.services.current(AuthService).verify(token) is not None
+
+    token = anyio.run(issue)
+    assert anyio.run(valid, token)
+    for password in ("brand-new-secret", "another-new-secret"):  # the second bumps again
+        monkeypatch.setattr(sys, "stdin", io.StringIO(f"{password}\n"))
+        assert main(["admin", "reset-password", "--password-stdin", "--data-dir", str(data)]) == 0
+        assert not anyio.run(valid, token)
+        token = anyio.run(issue)
+        assert anyio.run(valid, token)
+
+
+@pytest.mark.anyio
+async def test_reset_password_reaches_a_running_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    from builtin_plugins.auth import service
+
+    monkeypatch.setattr(service, "VERSION_POLL_SECONDS", 0.05)
+    polled = anyio.Condition()
+    load_versions = service.AuthService.load_versions
+
+    async def load_and_tell(self: service.AuthService) -> None:
+        await load_versions(self)
+        async with polled:
+            polled.notify_all()
+
+    monkeypatch.setattr(service.AuthService, "load_versions", load_and_tell)
+    data = tmp_path / "data"
+    async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
+        auth = kernel.services.current(AuthService)
+        token, _ = auth.issue("nekobot")
+        exe = Path(sys.executable).with_name("nekobot")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kernel"]
+        argv = [*cmd, "admin", "reset-password", "--password-stdin", "--data-dir", str(data)]
+        # Another process, as an admin would run it next to the bot.
+        proc = await anyio.run_process(argv, input=b"brand-new-secret\n", check=False)
+        assert proc.returncode == 0, proc.stderr
+        with anyio.fail_after(10):
+            async with polled:  # the second poll from now started after the reset
+                for _ in range(2):
+                    await polled.wait()
+        assert auth.verify(token) is None
+        assert auth.verify(auth.issue("nekobot")[0]) is not None

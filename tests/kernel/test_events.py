@@ -226,30 +226,350 @@ def nekobot_commands():
 
 
 @pytest.mark.anyio
-async def test_non_command_messages_go_to_on_message_in_plugin_name_order(
-    tmp_path: Path,
-) -> None:
+async def test_a_command_is_not_offered_to_on_message(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
-    for name in ("evt_listen_b", "evt_listen_a"):
-        write_plugin(plugins, name, _LISTENER.replace("{name}", name))
+    write_plugin(plugins, "evt_listen_a", _LISTENER.replace("{name}", "evt_listen_a"))
     write_plugin(plugins, "evt_steps", _STEPS)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         bot = MockBot(kernel)
-        # The alphabetically first plugin answers last; the replies are still ordered.
-        module_of(kernel, "evt_listen_a").delay = 0.05
-        assert await bot.receive("hello") == [
-            "evt_listen_a heard hello",
-            "evt_listen_b heard hello",
-        ]
+        assert await bot.receive("hello") == ["evt_listen_a heard hello"]
         assert await bot.receive("quiet") == []
         # An unknown command is an ordinary message.
-        assert await bot.receive("/nosuch x") == [
-            "evt_listen_a heard /nosuch x",
-            "evt_listen_b heard /nosuch x",
-        ]
+        assert await bot.receive("/nosuch x") == ["evt_listen_a heard /nosuch x"]
         # A command is not offered to the listeners; intermediate messages come first.
         assert await bot.receive("/steps") == ["step 1", "step 2", "finished"]
         assert all(t.chat_id == "chat-1" for t, _ in bot.sent)
+
+
+# -- one reply per message ------------------------------------------------------------
+
+#: A chatty plugin; `mode` (a module global the tests change) says how it behaves.
+_CHAT = """
+import anyio
+
+from kernel import CommandSpec, Priority, hookimpl, priority
+
+mode = "answer"
+#: (text, handled, handled_by) for each message offered, as the handler saw it.
+offered = []
+journal = None  # set by a test: a list shared by several plugins
+kept = None
+
+
+async def nothing(cmd):
+    return None
+
+
+@hookimpl
+def nekobot_commands():
+    return [
+        CommandSpec("{name}-quiet", nothing),
+        CommandSpec("{name}-admin", nothing, permission="admin"),
+    ]
+
+
+@hookimpl
+@priority({priority})
+async def nekobot_on_message(event, ctx, dispatch):
+    global kept
+    offered.append((event.text, dispatch.handled, dispatch.handled_by))
+    if journal is not None:
+        journal.append(("enter", ctx.name))
+        await anyio.sleep(0)
+        journal.append(("leave", ctx.name))
+    if mode == "decline":
+        return None
+    if mode == "pass":
+        dispatch.pass_on()
+        return ctx.name + " passes on " + event.text
+    if mode == "swallow":
+        dispatch.mark_handled()
+        return None
+    if mode == "send":
+        await dispatch.send(ctx.name + " sends first")
+        return None
+    if mode == "keep":
+        kept = dispatch
+        return None
+    if mode == "raise":
+        raise RuntimeError("chat boom")
+    if mode == "send-raise":
+        await dispatch.send(ctx.name + " sent")
+        raise RuntimeError("chat boom after sending")
+    if mode == "hang":
+        await anyio.sleep_forever()
+    if mode == "wrong":
+        return 42
+    return ctx.name + " answers " + event.text
+
+
+on_stop = None  # set by a test: a coroutine function to await while stopping
+
+
+@hookimpl
+async def nekobot_plugin_stop(ctx):
+    if on_stop is not None:
+        await on_stop()
+"""
+
+
+def write_chat(plugins: Path, name: str, level: str = "Priority.NORMAL") -> None:
+    """A chatty plugin `name` at priority `level` (Python source: `Priority.HIGH`, `5`)."""
+    write_plugin(plugins, name, _CHAT.replace("{name}", name).replace("{priority}", level))
+
+
+@pytest.mark.anyio
+async def test_only_the_highest_priority_answer_is_sent(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_a")  # first by name, NORMAL
+    write_chat(plugins, "evt_chat_z", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_m", "-5")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        assert await bot.receive("hello") == ["evt_chat_z answers hello"]
+        assert module_of(kernel, "evt_chat_z").offered == [("hello", False, ())]
+        assert module_of(kernel, "evt_chat_a").offered == []
+        assert module_of(kernel, "evt_chat_m").offered == []
+        # The first declines: the next in priority order answers, then nobody else.
+        module_of(kernel, "evt_chat_z").mode = "decline"
+        assert await bot.receive("again") == ["evt_chat_a answers again"]
+        assert module_of(kernel, "evt_chat_m").offered == []
+        module_of(kernel, "evt_chat_a").mode = "decline"
+        assert await bot.receive("third") == ["evt_chat_m answers third"]
+        module_of(kernel, "evt_chat_m").mode = "decline"
+        assert await bot.receive("fourth") == []
+        assert [text for text, _, _ in module_of(kernel, "evt_chat_m").offered] == [
+            "third",
+            "fourth",
+        ]
+
+
+@pytest.mark.anyio
+async def test_equal_priorities_go_in_plugin_name_order_one_at_a_time(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    for name in ("evt_chat_b", "evt_chat_c", "evt_chat_a"):  # not in name order
+        write_chat(plugins, name)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        assert await bot.receive("hello") == ["evt_chat_a answers hello"]
+        # A reload re-registers evt_chat_a last with pluggy; the order stays by name.
+        await kernel.plugins.reload("evt_chat_a")
+        assert await bot.receive("hello") == ["evt_chat_a answers hello"]
+        # All pass on: each is offered the message in turn, never two at once.
+        journal: list[tuple[str, str]] = []
+        for name in ("evt_chat_a", "evt_chat_b", "evt_chat_c"):
+            module_of(kernel, name).mode = "pass"
+            module_of(kernel, name).journal = journal
+        assert await bot.receive("hi") == [
+            "evt_chat_a passes on hi",
+            "evt_chat_b passes on hi",
+            "evt_chat_c passes on hi",
+        ]
+        assert journal == [
+            (step, name)
+            for name in ("evt_chat_a", "evt_chat_b", "evt_chat_c")
+            for step in ("enter", "leave")
+        ]
+        # Later handlers see that the message is handled, and by whom.
+        assert module_of(kernel, "evt_chat_c").offered[-1] == (
+            "hi",
+            True,
+            ("evt_chat_a", "evt_chat_b"),
+        )
+
+
+@pytest.mark.anyio
+async def test_passing_on_and_marking_handled(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo", "Priority.LOW")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        high, low = module_of(kernel, "evt_chat_hi"), module_of(kernel, "evt_chat_lo")
+        # Answer and pass on: both replies are sent, in priority order.
+        high.mode = "pass"
+        assert await bot.receive("one") == [
+            "evt_chat_hi passes on one",
+            "evt_chat_lo answers one",
+        ]
+        assert low.offered == [("one", True, ("evt_chat_hi",))]
+        # Marked handled without a reply: nothing is sent, nobody else is offered it.
+        high.mode = "swallow"
+        assert await bot.receive("two") == []
+        assert [text for text, _, _ in low.offered] == ["one"]
+        # Sending through the dispatch answers the message too.
+        high.mode = "send"
+        assert await bot.receive("three") == ["evt_chat_hi sends first"]
+        assert [text for text, _, _ in low.offered] == ["one"]
+        # A value that is not a reply is an error of that plugin, and not an answer.
+        high.mode = "wrong"
+        assert await bot.receive("four") == ["evt_chat_lo answers four"]
+        assert any("not int" in m for m in plugin_errors(kernel, "evt_chat_hi"))
+        # The dispatch is only valid during the handler's turn.
+        high.mode = "keep"
+        assert await bot.receive("five") == ["evt_chat_lo answers five"]
+        with pytest.raises(RuntimeError, match="turn has ended"):
+            await high.kept.send("too late")
+        with pytest.raises(RuntimeError, match="turn has ended"):
+            high.kept.pass_on()
+        assert bot.replies[-1] == "evt_chat_lo answers five"
+
+
+@pytest.mark.anyio
+async def test_a_failing_handler_passes_the_message_to_the_next(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo")
+    async with running_kernel(
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.3
+    ) as kernel:
+        bot = MockBot(kernel)
+        high = module_of(kernel, "evt_chat_hi")
+        high.mode = "raise"
+        assert await bot.receive("one") == ["evt_chat_lo answers one"]
+        high.mode = "hang"
+        with anyio.fail_after(10):
+            assert await bot.receive("two") == ["evt_chat_lo answers two"]
+        errors = plugin_errors(kernel, "evt_chat_hi")
+        assert any("chat boom" in m for m in errors), errors
+        assert any("nekobot_on_message of plugin 'evt_chat_hi' timed out" in m for m in errors)
+        assert plugin_errors(kernel, "evt_chat_lo") == []
+        # What a handler sent before it failed is its answer: nobody answers twice.
+        high.mode = "send-raise"
+        assert await bot.receive("three") == ["evt_chat_hi sent"]
+
+
+@pytest.mark.anyio
+async def test_a_fallback_answers_only_what_nobody_else_did(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_llm", "Priority.FALLBACK")  # an LLM chat plugin's place
+    write_chat(plugins, "evt_chat_zz", "Priority.LOW")
+    write_plugin(plugins, "evt_steps", _STEPS)
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        llm, chat = module_of(kernel, "evt_chat_llm"), module_of(kernel, "evt_chat_zz")
+        assert await bot.receive("hello") == ["evt_chat_zz answers hello"]
+        chat.mode = "decline"
+        assert await bot.receive("hello") == ["evt_chat_llm answers hello"]
+        # Never after a command, whatever the command answers, even nothing or a refusal.
+        assert await bot.receive("/steps") == ["step 1", "step 2", "finished"]
+        assert await bot.receive("/evt_chat_zz-quiet") == []
+        [refusal] = await bot.receive("/evt_chat_zz-admin")
+        assert "not allowed" in refusal
+        assert [text for text, _, _ in llm.offered] == ["hello"]
+        # A message naming no command is an ordinary message.
+        assert await bot.receive("/nosuch") == ["evt_chat_llm answers /nosuch"]
+        # After a pass-on the fallback is offered the message and sees it handled.
+        chat.mode = "pass"
+        llm.mode = "decline"
+        assert await bot.receive("hi") == ["evt_chat_zz passes on hi"]
+        assert llm.offered[-1] == ("hi", True, ("evt_chat_zz",))
+
+
+@pytest.mark.anyio
+async def test_the_order_survives_a_reload_of_the_higher_priority_plugin(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_llm", "Priority.FALLBACK")
+    write_chat(plugins, "evt_chat_zz", "Priority.HIGH")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        for _ in range(2):
+            await kernel.plugins.reload("evt_chat_zz")
+            assert await bot.receive("hello") == ["evt_chat_zz answers hello"]
+            assert module_of(kernel, "evt_chat_llm").offered == []
+        # A reload may change the priority: the new generation's counts.
+        write_chat(plugins, "evt_chat_zz", "Priority.FALLBACK - 1")
+        await kernel.plugins.reload("evt_chat_zz")
+        assert await bot.receive("hello") == ["evt_chat_llm answers hello"]
+        await kernel.plugins.disable("evt_chat_llm")
+        assert await bot.receive("hello") == ["evt_chat_zz answers hello"]
+
+
+@pytest.mark.anyio
+async def test_a_message_arriving_during_a_reload_waits_for_the_new_generation(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        stopping, release = anyio.Event(), anyio.Event()
+
+        async def hold_the_swap() -> None:
+            stopping.set()
+            await release.wait()
+
+        module_of(kernel, "evt_chat_hi").on_stop = hold_the_swap
+        got: list[list[str]] = []
+
+        async def receive() -> None:
+            got.append(await bot.receive("hello", chat_id="B"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kernel.plugins.reload, "evt_chat_hi")
+            await stopping.wait()  # the old generation's gate is closed now
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            # Not answered by the next handler in line: it waits for the swap.
+            assert got == [] and module_of(kernel, "evt_chat_lo").offered == []
+            release.set()
+        assert got == [["evt_chat_hi answers hello"]]
+        assert module_of(kernel, "evt_chat_lo").offered == []
+
+
+@pytest.mark.anyio
+async def test_a_message_sent_by_a_plugins_own_operation_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_chat(plugins, "evt_chat_hi", "Priority.HIGH")
+    write_chat(plugins, "evt_chat_lo")
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        bot = MockBot(kernel)
+        during: list[list[str]] = []
+
+        async def receive_while_stopping() -> None:
+            during.append(await bot.receive("hello", chat_id="B"))
+
+        # Dispatched from the plugin's own stop hook: waiting for the reload would be
+        # waiting for itself, so the going generation is skipped and the next answers.
+        module_of(kernel, "evt_chat_hi").on_stop = receive_while_stopping
+        await kernel.plugins.reload("evt_chat_hi")
+        assert during == [["evt_chat_lo answers hello"]]
+        assert await bot.receive("hello") == ["evt_chat_hi answers hello"]
+
+
+_BAD_PRIORITY = """
+from kernel import hookimpl, priority
+
+@hookimpl
+@priority({level})
+async def {hook}(event, ctx):
+    return None
+"""
+
+
+@pytest.mark.anyio
+async def test_a_bad_priority_is_a_load_error(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    for name, level, hook in (
+        ("evt_prio_str", '"high"', "nekobot_on_message"),
+        ("evt_prio_bool", "True", "nekobot_on_message"),
+        ("evt_prio_event", "5", "nekobot_on_event"),
+    ):
+        write_plugin(plugins, name, _BAD_PRIORITY.format(level=level, hook=hook))
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        for name, needle in (
+            ("evt_prio_str", "priority must be an int (or a Priority), not str"),
+            ("evt_prio_bool", "not bool"),
+            ("evt_prio_event", "@priority on nekobot_on_event: only nekobot_on_message"),
+        ):
+            info = kernel.plugins.info(name)
+            assert info.state is PluginState.FAILED, name
+            assert info.error is not None and needle in info.error, (name, info.error)
 
 
 # -- isolation -------------------------------------------------------------------------

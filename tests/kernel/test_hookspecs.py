@@ -784,12 +784,15 @@ async def test_nekobot_llm_response_is_indexed_validated_and_chains(
 
 ON_MESSAGE = """
 import anyio
-from kernel import hookimpl
+from kernel import hookimpl, priority
 
 @hookimpl
-async def nekobot_on_message(event, ctx):
-    if "boom" in event.text and ctx.name.endswith("_b"):
+@priority({priority})
+async def nekobot_on_message(event, ctx, dispatch):
+    if "boom" in event.text and not ctx.name.endswith("_b"):
         raise RuntimeError("boom")
+    if "both" in event.text and not ctx.name.endswith("_b"):
+        dispatch.pass_on()
     await anyio.sleep({delay})
     return f"{{ctx.name}} heard {{event.text}}"
 """
@@ -799,25 +802,23 @@ async def nekobot_on_message(event, ctx):
 async def test_nekobot_on_message_answers_what_no_command_does(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
-    # The first plugin by name finishes last, yet its answer is sent first.
-    await add_plugin(kernel, plugin_dir, "doc_on_message", ON_MESSAGE.format(delay=0.05))
-    await add_plugin(kernel, plugin_dir, "doc_on_message_b", ON_MESSAGE.format(delay=0))
+    # The first by priority answers, however slowly; the other is not offered the message.
+    await add_plugin(
+        kernel, plugin_dir, "doc_on_message", ON_MESSAGE.format(delay=0.05, priority=1)
+    )
+    await add_plugin(kernel, plugin_dir, "doc_on_message_b", ON_MESSAGE.format(delay=0, priority=0))
     bot = MockBot(kernel)
 
-    assert await bot.receive("meow") == [
-        "doc_on_message heard meow",
-        "doc_on_message_b heard meow",
-    ]
+    assert await bot.receive("meow") == ["doc_on_message heard meow"]
     # A command is not offered; an unknown command is.
     assert (await bot.receive("/help"))[0].startswith("Commands:")
-    assert await bot.receive("/nope") == [
-        "doc_on_message heard /nope",
-        "doc_on_message_b heard /nope",
-    ]
-    # One plugin's exception is logged against it and does not silence the other.
-    assert await bot.receive("boom") == ["doc_on_message heard boom"]
+    assert await bot.receive("/nope") == ["doc_on_message heard /nope"]
+    # Passed on, the message reaches the next one too.
+    assert await bot.receive("both") == ["doc_on_message heard both", "doc_on_message_b heard both"]
+    # One plugin's exception is logged against it; the next one answers instead.
+    assert await bot.receive("boom") == ["doc_on_message_b heard boom"]
     assert any(
-        r.plugin == "doc_on_message_b" and "RuntimeError" in r.message
+        r.plugin == "doc_on_message" and "RuntimeError" in r.message
         for r in kernel.logging.buffer.records
     )
 

@@ -220,3 +220,96 @@ async def test_a_plugin_calling_sys_exit_at_import_is_a_load_error(tmp_path: Pat
         assert kernel.plugins.info("ld_fine").state is PluginState.ACTIVE
         with pytest.raises(PluginLoadError, match="SystemExit"):
             await kernel.plugins.reload("ld_exits")
+
+
+# -- builtins are registered, never imported by name ----------------------------------
+
+
+def test_no_kernel_module_imports_a_plugin() -> None:
+    """No import statement in `kernel/`, at any depth, names `builtin_plugins`."""
+    import ast
+
+    kernel_dir = Path(__file__).resolve().parents[2] / "kernel"
+    offenders = []
+    for path in sorted(kernel_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}:{node.lineno}" for n in names if n.startswith("builtin")]
+    assert offenders == []
+
+
+def test_a_kernel_with_no_builtins_never_imports_the_builtin_package(tmp_path: Path) -> None:
+    """A kernel given its builtins explicitly (none here) runs without `builtin_plugins`."""
+    import subprocess
+
+    code = (
+        "import sys, anyio\n"
+        "from kernel import Kernel, KernelConfig\n"
+        "async def main():\n"
+        "    config = KernelConfig(data_dir='data', plugin_dirs=(), builtins=(),\n"
+        "                          entry_points=False, hot_reload=False, watchdog=False)\n"
+        "    async with Kernel(config) as k:\n"
+        "        assert k.plugins.records == {}\n"
+        "anyio.run(main)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'builtin_plugins'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_distribution_registers_its_builtins() -> None:
+    from kernel.loader import registered_builtins
+
+    builtins = {b.name: b for b in registered_builtins()}
+    assert {"api", "auth", "plugin_admin", "help"} <= set(builtins)
+    assert builtins["api"].essential and not builtins["help"].essential
+    assert builtins["help"].module == "builtin_plugins.help"
+
+
+@pytest.mark.anyio
+async def test_an_application_passes_its_own_builtins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kernel import BuiltinPlugin
+
+    package = write_plugin(
+        tmp_path / "site",
+        "appx_core",
+        """
+        from kernel import CommandSpec, hookimpl
+
+        async def ping(cmd):
+            return "pong from the app"
+
+        @hookimpl
+        def nekobot_commands():
+            return [CommandSpec("appping", ping)]
+        """,
+    )
+    monkeypatch.syspath_prepend(str(package.parent))
+    purge_modules("appx_core")
+    builtins = (BuiltinPlugin("appx_core", "appx_core", essential=True),)
+    try:
+        async with running_kernel(tmp_path / "data", builtins=builtins, builtin_plugins=None) as k:
+            info = k.plugins.info("appx_core")
+            assert info.source is PluginSource.BUILTIN and info.essential
+            assert info.state is PluginState.ACTIVE
+            assert await MockBot(k).receive("/appping") == ["pong from the app"]
+            assert "api" not in k.plugins.records  # only what the application passed
+    finally:
+        purge_modules("appx_core")
+
+
+@pytest.mark.anyio
+async def test_a_selected_builtin_that_is_not_registered_fails_clearly(tmp_path: Path) -> None:
+    async with running_kernel(tmp_path, builtin_plugins=["help", "no_such_builtin"]) as k:
+        info = k.plugins.info("no_such_builtin")
+        assert info.state is PluginState.FAILED
+        assert info.error == "no builtin plugin 'no_such_builtin' is registered"
+        assert k.plugins.info("help").state is PluginState.ACTIVE

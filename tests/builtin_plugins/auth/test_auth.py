@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import anyio
 import httpx
 import jwt
 import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
 
 from builtin_plugins.auth.service import hash_password, verify_password
 from kernel import Kernel
 from kernel.protocols import AuthService
 from kernel.testing import running_kernel
+from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 
 pytestmark = pytest.mark.anyio
 BUILTINS = ["api", "auth", "help"]
@@ -103,6 +110,27 @@ async def test_login_is_rate_limited_per_user(client: httpx.AsyncClient) -> None
     r = await _login(client)  # even the right password waits now
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_old_password_guesses_count_against_the_login_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    """A stolen token is no way around the login limiter to guess the password."""
+    token = (await _login(client)).json()["access_token"]
+
+    async def change(old: str) -> httpx.Response:
+        return await client.put(
+            "/api/account/password",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"old_password": old, "new_password": "long-enough-1"},
+        )
+
+    for _ in range(5):
+        assert (await change("guess")).status_code == 400
+    r = await change("nekobot")  # even the right one waits now
+    assert r.status_code == 429
+    assert "too many failed password attempts" in r.json()["message"]
+    assert (await _login(client)).status_code == 429  # the same account's budget
 
 
 async def test_logout_revokes_and_survives_restart(tmp_path: Path) -> None:
@@ -199,3 +227,115 @@ async def test_verified_claims_are_the_callers_own(kernel: Kernel) -> None:
     again = auth.verify(token)  # the signature check is cached: the cache must not change
     assert again is not None
     assert again["sub"] == "nekobot" and "jti" in again
+
+
+async def test_parallel_wrong_logins_get_exactly_the_limit_of_401s(
+    client: httpx.AsyncClient,
+) -> None:
+    # The attempt is counted before the scrypt call (which yields to the event loop), so
+    # logins in flight at once cannot all pass the check before any failure is recorded.
+    statuses: list[int] = []
+
+    async def wrong() -> None:
+        statuses.append((await _login(client, "wrong")).status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(wrong)
+    assert sorted(statuses) == [401] * 5 + [429] * 95
+
+
+@pytest.fixture
+def one_second(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The auth service's clock stopped inside one second: what happens within one second
+    (log in, change the password, ...) is then certain to, not a matter of timing."""
+    from builtin_plugins.auth import service
+
+    frozen = int(time.time()) + 0.25
+    clock = SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic)
+    monkeypatch.setattr(service, "time", clock)
+    return frozen
+
+
+async def test_password_change_voids_tokens_of_the_same_second_and_answers_a_new_one(
+    client: httpx.AsyncClient, one_second: float
+) -> None:
+    first = (await _login(client)).json()["access_token"]
+    second = (await _login(client)).json()["access_token"]
+    r = await client.put(
+        "/api/account/password",
+        headers={"Authorization": f"Bearer {first}"},
+        json={"old_password": "nekobot", "new_password": "long-enough-1"},
+    )
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert data["changed"] is True
+    assert data["token_type"] == "bearer" and data["expires_in"] == 86400
+    assert data["must_change_password"] is False
+    for old in (first, second):
+        r = await client.get("/api/account", headers={"Authorization": f"Bearer {old}"})
+        assert r.status_code == 401, "a token from before the change still works"
+    r = await client.get(
+        "/api/account", headers={"Authorization": f"Bearer {data['access_token']}"}
+    )
+    assert r.status_code == 200
+    assert r.json()["data"] == {"username": "nekobot", "must_change_password": False}
+
+
+async def test_tokens_from_before_token_versions_keep_working(tmp_path: Path) -> None:
+    # Accounts and tokens written before token versions: no `token_version`, no `ver`
+    # claim; the old whole-second rule still voids what came before their last change.
+    data = tmp_path / "data"
+    async with running_kernel(data, builtin_plugins=BUILTINS) as k:
+        changed_at = int(time.time()) - 100
+        await k.services.current(AuthService).store.kv_set(
+            "account:nekobot",
+            {"password_hash": hash_password("long-enough-1"), "tokens_after": changed_at},
+        )
+    async with running_kernel(data, builtin_plugins=BUILTINS) as k:
+        secret = (data / "jwt_secret").read_text()
+
+        def legacy(iat: int) -> str:
+            claims = {"sub": "nekobot", "iat": iat, "exp": iat + 1000, "jti": f"j{iat}"}
+            return jwt.encode(claims, secret, algorithm="HS256")
+
+        transport = httpx.ASGITransport(app=k.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+
+            async def status(token: str) -> int:
+                r = await c.get("/api/account", headers={"Authorization": f"Bearer {token}"})
+                return r.status_code
+
+            after, before = legacy(changed_at + 10), legacy(changed_at - 10)
+            assert await status(after) == 200
+            assert await status(before) == 401
+            r = await c.put(
+                "/api/account/password",
+                headers={"Authorization": f"Bearer {after}"},
+                json={"old_password": "long-enough-1", "new_password": "long-enough-2"},
+            )
+            assert r.status_code == 200, r.text
+            assert await status(after) == 401
+            assert await status(r.json()["data"]["access_token"]) == 200
+
+
+@pytest.mark.parametrize("api", WS_MODES, indirect=True)
+async def test_ws_closes_4401_on_a_password_change_of_the_same_second(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch, one_second: float
+) -> None:
+    from builtin_plugins.api import fanout
+
+    monkeypatch.setattr(fanout, "TOKEN_CHECK_SECONDS", 0.05)
+    token, _ = api.kernel.services.current(AuthService).issue("nekobot")
+    async with websockets.connect(api.ws_url(f"?token={token}")) as ws:
+        await ws.send(json.dumps({"action": "ping"}))
+        with anyio.fail_after(5):
+            assert json.loads(await ws.recv()) == {"type": "pong"}
+        async with api.authed() as c:
+            body = {"old_password": "nekobot", "new_password": "a-much-better-one"}
+            assert (await c.put("/api/account/password", json=body)).status_code == 200
+        with anyio.fail_after(10):
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401

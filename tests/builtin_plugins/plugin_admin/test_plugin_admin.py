@@ -645,3 +645,46 @@ async def test_swaps_while_requests_are_in_flight(api: ApiServer) -> None:
         await c.post("/api/plugins/disable", json={"name": "zpa_slow"})
         assert_error(await c.get("/api/zpa_slow/work"), 404)
     assert api.kernel.plugins.records["zpa_slow"].state is PluginState.DISPOSED
+
+
+async def test_config_errors_never_echo_a_secret(api: ApiServer, caplog: Any) -> None:
+    key = "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e"
+    schema = {
+        "type": "object",
+        "maxProperties": 2,
+        "properties": {
+            "api_key": {"type": "string", "writeOnly": True, "pattern": "^sk-"},
+            "model": {"type": "string"},
+            "extra": {"type": "string"},
+        },
+    }
+    async with api.authed() as c:
+        await add_plugin(api, c, "zpa_sec", "", {"config_schema": schema})
+        r = await c.put("/api/plugins/config", json={"name": "zpa_sec", "config": {"api_key": key}})
+        assert r.status_code == 200, r.text
+        masked = r.json()["data"]["config"]["api_key"]
+        # The masked key written back is swapped for the stored one before validation:
+        # a rule about the whole object must not print the configuration that holds it.
+        config = {"api_key": masked, "model": "m", "extra": "x"}
+        r = await c.put("/api/plugins/config", json={"name": "zpa_sec", "config": config})
+        assert_error(r, 400, "config")
+        assert key not in r.text and "at most 2 properties" in r.text
+        # A new secret that breaks its own rule is not printed either.
+        wrong = "xk-live-0123456789abcdef0123"
+        r = await c.put(
+            "/api/plugins/config", json={"name": "zpa_sec", "config": {"api_key": wrong}}
+        )
+        assert_error(r, 400, "api_key")
+        assert wrong not in r.text
+        # A stored key the plugin's next version refuses: its start fails, naming the field.
+        stricter = {**schema, "properties": {"api_key": {"type": "string", "pattern": "^sk-test-"}}}
+        write_plugin(api.plugin_dir, "zpa_sec", "", manifest={"config_schema": stricter})
+        r = await c.post("/api/plugins/reload", json={"name": "zpa_sec"})
+        assert_error(r, 422)
+        assert key not in r.text and "api_key" in r.text
+        assert key not in str(await plugin(c, "zpa_sec"))
+        logs = await c.get("/api/logs", params={"page_size": 100, "plugin": "zpa_sec"})
+        assert logs.status_code == 200 and "api_key" in logs.text
+    for text in (logs.text, *(r.message for r in api.kernel.logging.buffer.records)):
+        assert key not in text and wrong not in text
+    assert not [r for r in caplog.records if key in r.getMessage() or wrong in r.getMessage()]
