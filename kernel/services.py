@@ -198,7 +198,10 @@ class ServiceRegistry:
                         )
                     if not self.plugins.busy(owner):
                         raise ServiceUnavailableError(
-                            name, owner, f"service {name} of plugin {owner!r} is gone"
+                            name,
+                            owner,
+                            f"service {name} of plugin {owner!r} is gone (the plugin is "
+                            "not active, or no longer provides it)",
                         )
                     await self.plugins.settled(owner)
         except TimeoutError:

@@ -479,3 +479,17 @@ def test_the_type_checker_checks_calls_through_a_handle(tmp_path: Path) -> None:
     assert 'Too many arguments for "bump" of "Counter"' in out
     assert 'Revealed type is "tests.kernel.test_services.Counter | None"' in out
     assert out.count("error:") == 2, out
+
+
+@pytest.mark.anyio
+async def test_deleting_a_provider_stops_its_consumers_first(tmp_path: Path) -> None:
+    kernel, log = await _plugins_with_log(tmp_path, {"sv_user": CONSUMER, "sv_prov": PROVIDER})
+    async with kernel:
+        log.clear()
+        await kernel.plugins.delete("sv_prov")
+        assert log == [("stop", "sv_user"), ("stop", "sv_prov")]
+        rec = kernel.plugins.records["sv_user"]
+        assert rec.state is PluginState.PENDING
+        assert rec.error is not None and "'sv_prov'" in rec.error
+        with pytest.raises(ServiceUnavailableError, match="sv_prov"):
+            await kernel.services.get(Counter).bump()
