@@ -176,9 +176,17 @@ class ServiceRegistry:
 
     # -- calling -----------------------------------------------------------------------
 
-    async def enter(self, key: type, label: str, bound: float) -> tuple[object, GateCall | None]:
+    async def enter(
+        self, key: type, label: str | Callable[[], str], bound: float
+    ) -> tuple[object, GateCall | None]:
         """The value of `key` and the gate call it runs in (None: ungated), waiting up to
         `bound` seconds while its provider reloads. Leave the call with `leave`."""
+        entry = self._items.get(key)
+        if entry is not None:  # the common case, without the cost of a cancel scope
+            if entry.gate is None:
+                return entry.value, None
+            if not entry.gate.closed:
+                return entry.value, entry.gate.enter(label)
         name = service_name(key)
         try:
             with anyio.fail_after(bound):
@@ -236,6 +244,7 @@ class ServiceHandle(Generic[T]):
         self.key = key
         self.name = service_name(key)
         self._timeout = timeout
+        self._methods: dict[str, Callable[..., Any] | None] = {}
 
     @property
     def timeout(self) -> float:
@@ -286,8 +295,10 @@ class ServiceHandle(Generic[T]):
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Await `method(*args, **kwargs)` of the current provider (what `proxy` does for
         coroutine methods)."""
-        label = f"service call {self.name}.{method}"
-        value, gate_call = await self.registry.enter(self.key, label, self.timeout)
+        # The label is made only if a retirement logs the call: calls are many.
+        value, gate_call = await self.registry.enter(
+            self.key, lambda: f"service call {self.name}.{method}", self.timeout
+        )
         try:
             if gate_call is None:
                 return await getattr(value, method)(*args, **kwargs)
@@ -297,6 +308,22 @@ class ServiceHandle(Generic[T]):
             return result
         finally:
             self.registry.leave(gate_call)
+
+    def coroutine_method(self, attr: str) -> Callable[..., Any] | None:
+        """What `proxy.<attr>` is when the key declares `attr` a coroutine method (else
+        None): a function awaiting it through `call`.
+
+        Decided by the key's declaration, not the value: while the provider reloads there
+        is no value to look at, and a coroutine method must still wait.
+        """
+        try:
+            return self._methods[attr]
+        except KeyError:
+            pass
+        declared = inspect.iscoroutinefunction(getattr(self.key, attr, None))
+        method = functools.partial(self.call, attr) if declared else None
+        self._methods[attr] = method
+        return method
 
     @functools.cached_property
     def proxy(self) -> T:
@@ -321,10 +348,9 @@ class _Proxy:
 
     def __getattr__(self, attr: str) -> Any:
         handle: ServiceHandle[Any] = object.__getattribute__(self, "_handle")
-        # Decided by the key's declaration, not the value: while the provider reloads
-        # there is no value to look at, and a coroutine method must still wait.
-        if inspect.iscoroutinefunction(getattr(handle.key, attr, None)):
-            return functools.partial(handle.call, attr)
+        method = handle.coroutine_method(attr)
+        if method is not None:
+            return method
         return getattr(handle.require(), attr)
 
     def __repr__(self) -> str:
