@@ -206,8 +206,10 @@ async def cost(request):
 
 
 async def stats(request):
+    from kernel.protocols import WsHub
+
     kernel = request.scope["nekobot.kernel"]
-    hub = kernel.services.get("ws.hub")
+    hub = kernel.services.current(WsHub)
     both = await hub.stats() if hub is not None else {"in_process": {}, "relay": None}
     relay = both["relay"]
     side = relay if relay is not None and relay["subscribers"] else both["in_process"]

@@ -10,6 +10,7 @@ from kernel.adapter import (
 )
 from kernel.config import BuiltinPlugin, KernelConfig
 from kernel.context import PluginContext
+from kernel.dependencies import MissingServiceError
 from kernel.errors import (
     CommandNotFoundError,
     ConfigError,
@@ -58,6 +59,7 @@ from kernel.models import (
     Text,
     Video,
 )
+from kernel.services import ServiceHandle, ServiceUnavailableError
 from kernel.tools import ToolDefinition, ToolError, ToolInvocation, ToolOutcome, ToolSpec
 from kernel.version import __version__
 
@@ -91,6 +93,7 @@ __all__ = [
     "MessageDispatch",
     "MessageEvent",
     "MiddlewareSpec",
+    "MissingServiceError",
     "NekoError",
     "PlatformContext",
     "PlatformInstance",
@@ -112,6 +115,8 @@ __all__ = [
     "Segment",
     "SendResult",
     "Sender",
+    "ServiceHandle",
+    "ServiceUnavailableError",
     "Target",
     "Text",
     "ToolDefinition",

@@ -38,6 +38,7 @@ from kernel.config import KernelConfig
 from kernel.datadir import DataDirBusyError, DataDirLock
 from kernel.errors import NekoError
 from kernel.models import CommandConflict, PluginInfo, PluginState
+from kernel.protocols import AuthService
 from kernel.version import __version__
 
 if TYPE_CHECKING:
@@ -406,9 +407,8 @@ async def _refuse_default_password(config: KernelConfig, console: logging.Handle
     try:
         async with probe:
             await probe.stop_hot_reload()  # a stored setting may have turned it on
-            auth = probe.services.get("auth")
-            in_use = getattr(auth, "default_password_in_use", None)
-            refuse = in_use is not None and await in_use()
+            auth = probe.services.current(AuthService)
+            refuse = auth is not None and await auth.default_password_in_use()
     finally:
         console.removeFilter(quiet)
     if refuse:
@@ -463,15 +463,13 @@ async def _reset_password(config: KernelConfig, username: str, password: str) ->
 
     async with Kernel(config) as kernel:
         await kernel.stop_hot_reload()
-        auth = kernel.services.get("auth")
-        set_password = getattr(auth, "set_password", None)
-        account = getattr(auth, "account", None)
-        if set_password is None or account is None:
+        auth = kernel.services.current(AuthService)
+        if auth is None:
             raise CLIError("the auth plugin is not active; cannot change passwords")
         # A mistyped name must not create a second account that can log in.
-        if await account(username) is None:
+        if await auth.account(username) is None:
             raise CLIError(f"no account named {username!r}")
-        await set_password(username, password, must_change=False)
+        await auth.set_password(username, password, must_change=False)
 
 
 # -- nekobot plugins ---------------------------------------------------------------------

@@ -83,6 +83,8 @@ class KernelConfig:
     hook_timeout: float = 10.0
     #: Time bound of a command handler or message hook, in seconds.
     handler_timeout: float = 30.0
+    #: How long a call through a service handle waits for its reloading provider, in seconds.
+    service_timeout: float = 10.0
     #: The event loop counts as blocked after this many seconds without a tick.
     block_threshold: float = 0.5
     #: Start the loop-blocking watchdog thread.

@@ -8,50 +8,23 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from kernel.dependencies import read_declarations
 from kernel.errors import DisposedError
 from kernel.lifecycle import DisposeCallback, Scope, TaskHandle
 from kernel.models import KernelEvent, Reply, Target
 from kernel.private_files import make_private_dir
+from kernel.protocols import WsHub
+from kernel.services import ServiceKey, ServiceRegistry, check_key, service_name
 from kernel.storage import PluginStore
 
 if TYPE_CHECKING:
     import httpx
 
     from kernel.adapter import Adapter, SendResult
+    from kernel.generations import Generation
     from kernel.kernel import Kernel
 
 T = TypeVar("T")
-
-
-class Services:
-    """Named objects plugins offer each other (an LLM client, a platform manager, ...).
-
-    What a plugin provides is withdrawn when its scope is disposed.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[str, object]] = {}
-
-    def provide(self, owner: str, name: str, value: object) -> None:
-        """Offer `value` as `name`; a name another plugin provides is refused."""
-        current = self._items.get(name)
-        if current is not None and current[0] != owner:
-            raise ValueError(f"service {name!r} is already provided by plugin {current[0]!r}")
-        self._items[name] = (owner, value)
-
-    def withdraw(self, owner: str, name: str) -> None:
-        """Remove `name` if `owner` provides it."""
-        if self._items.get(name, ("", None))[0] == owner:
-            del self._items[name]
-
-    def get(self, name: str) -> object | None:
-        """The service called `name`, or None."""
-        item = self._items.get(name)
-        return item[1] if item else None
-
-    def names(self) -> list[str]:
-        """Every provided service name."""
-        return sorted(self._items)
 
 
 class PluginContext:
@@ -126,18 +99,38 @@ class PluginContext:
         make_private_dir(path)
         return make_private_dir(path / self.name)
 
-    def provide(self, name: str, value: object) -> None:
-        """Offer `value` to other plugins as `ctx.services.get(name)`; withdrawn on disposal."""
+    def provide(self, key: ServiceKey[Any], value: object) -> None:
+        """Offer `value` to other plugins as the service `key` (a class, usually a Protocol,
+        that the module's `provides` lists); withdrawn when this generation is disposed.
+
+        Calls through consumers' handles reach it once this generation has started.
+        """
         if self.scope.closed:  # checked first: nothing would withdraw it
             raise DisposedError(f"plugin {self.name!r} was disposed; cannot provide")
-        self._kernel.services.provide(self.name, name, value)
+        cls = check_key(key)
+        gen = self._generation()
+        if (
+            gen is not None
+            and cls not in read_declarations(self.name, gen.imported.module).provides
+        ):
+            raise ValueError(
+                f"plugin {self.name!r} provides service {service_name(cls)} without declaring "
+                f"it: add it to the module's `provides`"
+            )
+        services = self._kernel.services
+        services.provide(self.name, cls, value, gen.gate if gen is not None else None)
         self.scope.on_dispose(
-            lambda: self._kernel.services.withdraw(self.name, name), name=f"withdraw service {name}"
+            lambda: services.withdraw(self.name, cls), name=f"withdraw service {service_name(cls)}"
         )
 
+    def _generation(self) -> Generation | None:
+        rec = self._kernel.plugins.records.get(self.name)
+        gen = rec.generation if rec is not None else None
+        return gen if gen is not None and gen.ctx is self else None
+
     @property
-    def services(self) -> Services:
-        """Services provided by plugins."""
+    def services(self) -> ServiceRegistry:
+        """Services provided by plugins: `ctx.services.get(Key)` is a handle typed `Key`."""
         self._check_live("services")
         return self._kernel.services
 
@@ -179,11 +172,10 @@ class PluginContext:
         entry = self._kernel.channels.get(channel)
         if entry is None or entry.owner != self.name:
             raise ValueError(f"plugin {self.name!r} does not own channel {channel!r}")
-        hub = self._kernel.services.get("ws.hub")
-        publish = getattr(hub, "publish", None)
-        if publish is None:
+        hub = self._kernel.services.current(WsHub)
+        if hub is None:
             return 0
-        publish(channel, data)
+        hub.publish(channel, data)
         return 1
 
     async def send(self, target: Target, message: Reply | str) -> SendResult:

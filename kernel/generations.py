@@ -24,6 +24,7 @@ import pluggy
 from kernel.calling import call_impl, impls_of
 from kernel.context import PluginContext
 from kernel.contributions import ROUTES, Contributions
+from kernel.dependencies import MissingServiceError
 from kernel.errors import (
     NekoError,
     PluginError,
@@ -156,6 +157,11 @@ class GenerationOps:
             rec.state = PluginState.LOADING
         try:
             gen = await self._stage(rec)
+        except MissingServiceError as exc:
+            # Waiting, not failed: the manager starts it once the service is served.
+            if replacing is None:
+                rec.state, rec.error = PluginState.PENDING, exc.message
+            raise
         except NekoError as exc:
             if replacing is None:
                 rec.state, rec.error = PluginState.FAILED, exc.message
@@ -236,6 +242,7 @@ class GenerationOps:
                 rec.generations, pm_name, imported, contributions, schema, hooks, files=files
             )
             self._check_registries(name, contributions, replacing=rec.generation is not None)
+            self._check_requirements(rec, gen)
         except NekoError as exc:
             if self.pm.get_plugin(pm_name) is not None:
                 self.pm.unregister(name=pm_name)
@@ -249,6 +256,10 @@ class GenerationOps:
             imported.rollback()
             raise
         return gen
+
+    def _check_requirements(self, rec: PluginRecord, gen: Generation) -> None:
+        """Refuse a staged generation whose required services are not served (the
+        manager's); `_stage` rolls `gen` back."""
 
     def _check_registries(self, name: str, c: Contributions, *, replacing: bool) -> None:
         for kind, registry in self.kernel.registries.items():

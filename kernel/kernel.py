@@ -25,7 +25,6 @@ from kernel.asgi import KernelApp
 from kernel.calling import Call, call_each, call_impl
 from kernel.commands import CommandRegistry
 from kernel.config import KernelConfig
-from kernel.context import Services
 from kernel.contributions import (
     CHANNELS,
     COMMANDS,
@@ -59,6 +58,7 @@ from kernel.models import (
 from kernel.private_files import make_data_dir
 from kernel.registry import OwnedRegistry
 from kernel.reload import HotReloader
+from kernel.services import ServiceRegistry
 from kernel.settings import (
     BOT_CONFIG_SCHEMA,
     SETTINGS_SCHEMA,
@@ -88,7 +88,7 @@ class Kernel:
         self.data_lock = DataDirLock(self.config.data_dir)
         self.storage = Storage(self.config.data_dir / "nekobot.db")
         self.loader = ModuleLoader()
-        self.services = Services()
+        self.services = ServiceRegistry(timeout=self.config.service_timeout)
         #: The registry of each contribution kind (see `kernel.contributions`).
         self.registries: dict[ContributionKind[Any, Any], ContributionRegistry] = {
             kind: kind.make_registry(self, kind) for kind in KINDS
@@ -99,6 +99,7 @@ class Kernel:
         self.settings = Settings(hot_reload=self.config.hot_reload)
         self.logging = KernelLogging(self.id, self.config.data_dir / "logs", self.config.log_buffer)
         self.plugins = PluginManager(self)
+        self.services.plugins = self.plugins
         self.pipeline = Pipeline(self)
         self.asgi_app = KernelApp(self)
         self.watchdog = LoopWatchdog(

@@ -6,7 +6,6 @@ lives in `kernel.generations`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -20,6 +19,12 @@ import pluggy
 
 from kernel.calling import call_impl, impls_of
 from kernel.contributions import TOOLS
+from kernel.dependencies import (
+    Declarations,
+    DependencyGraph,
+    MissingServiceError,
+    read_declarations,
+)
 from kernel.errors import (
     EssentialPluginError,
     NekoError,
@@ -53,6 +58,7 @@ from kernel.models import (
 )
 from kernel.plugin_config import validate_config, with_defaults
 from kernel.reload import plugin_files
+from kernel.services import service_name
 from kernel.staging import new_plugin_manager
 
 if TYPE_CHECKING:
@@ -72,6 +78,7 @@ class PluginManager(GenerationOps):
         self.module_owners: dict[str, str] = {}
         self._stopping = False
         self._infos_cache: tuple[tuple[Any, ...], list[PluginInfo]] | None = None
+        self.deps = DependencyGraph(kernel.services, self._declarations_of)
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -134,11 +141,7 @@ class PluginManager(GenerationOps):
                 r.name,
             ),
         )
-        for rec in order:
-            if rec.enabled and rec.candidate.problem is None:
-                async with rec.lock:
-                    with contextlib.suppress(NekoError):  # recorded on the record, logged
-                        await self._load(rec)
+        await self._start_in_order([r for r in order if r.enabled and r.candidate.problem is None])
         self.kernel.log.info(
             "%d plugins active, %d failed",
             sum(r.state is PluginState.ACTIVE for r in self.records.values()),
@@ -166,10 +169,113 @@ class PluginManager(GenerationOps):
         """Retire every active plugin, last loaded first; persisted state is not touched."""
         self._stopping = True
         active = [r for r in self.records.values() if r.generation is not None]
-        # Last loaded first; essential plugins (the API core) last of all.
-        for rec in sorted(active, key=lambda r: (r.candidate.essential, -(r.loaded_at or 0))):
-            async with rec.lock:
+        # Last loaded first; essential plugins (the API core) last of all; and every
+        # consumer of a service before its provider.
+        active.sort(key=lambda r: (r.candidate.essential, -(r.loaded_at or 0)))
+        for name in self.deps.stop_order([r.name for r in active]):
+            rec = self.records[name]
+            # An operation, so that service calls wait for it and then fail as "gone".
+            async with self._operation(rec):
                 await self._unload(rec, forget_modules=True, transfer=False)
+
+    # -- service requirements ----------------------------------------------------------
+
+    def _declarations_of(self, name: str) -> Declarations | None:
+        rec = self.records.get(name)
+        if rec is None or rec.generation is None:
+            return None
+        return read_declarations(name, rec.generation.imported.module)
+
+    def busy(self, name: str) -> bool:
+        """Whether an operation is running on `name` (its services may come back)."""
+        rec = self.records.get(name)
+        return rec is not None and not rec.idle.is_set()
+
+    def _check_requirements(self, rec: PluginRecord, gen: Generation) -> None:
+        """Before a staged generation replaces anything: its `requires` must be served.
+
+        A plugin that is not active yet is remembered as waiting, and started by
+        `_start_waiting` once a provider serves what it requires.
+        """
+        decl = read_declarations(rec.name, gen.imported.module)
+        try:
+            self.deps.check(rec.name, decl, self.records, replacing=rec.generation is not None)
+        except MissingServiceError:
+            if rec.generation is None:
+                self.deps.waiting[rec.name] = decl
+            raise
+        self.deps.waiting.pop(rec.name, None)
+
+    async def _start_in_order(self, queue: list[PluginRecord]) -> None:
+        """Load the plugins of `queue`, each after the providers of what it requires: one
+        whose requirements are not served is put back and tried again after a success."""
+        queue = list(queue)
+        progressed = True
+        while queue and progressed:
+            progressed = False
+            for rec in list(queue):
+                decl = self.deps.waiting.get(rec.name)
+                if decl is not None and self.deps.missing(decl):
+                    continue  # nothing it needs has come: no point importing it again
+                queue.remove(rec)
+                async with self._operation(rec):
+                    if rec.generation is not None or not rec.enabled:
+                        continue
+                    try:
+                        await self._load(rec)
+                    except MissingServiceError:
+                        queue.append(rec)
+                        continue
+                    except NekoError:  # recorded on the record, logged
+                        continue
+                progressed = True
+        for rec in queue:
+            decl = self.deps.waiting.get(rec.name)
+            if decl is None:
+                continue
+            # Said again now that every plugin was tried: a provider that was not
+            # imported yet at the first attempt may be waiting too (a cycle).
+            try:
+                self.deps.check(rec.name, decl, self.records)
+            except MissingServiceError as exc:
+                rec.error = exc.message
+            rec.state = PluginState.PENDING
+            rec.log.warning("plugin %r is waiting: %s", rec.name, rec.error)
+
+    async def _start_waiting(self) -> None:
+        """Start the enabled plugins waiting for a service that may be served now."""
+        queue = [
+            rec
+            for name in sorted(self.deps.waiting)
+            if (rec := self.records.get(name)) is not None
+            and rec.enabled
+            and rec.generation is None
+        ]
+        if queue:
+            await self._start_in_order(queue)
+
+    async def _stop_dependents(self, provider: str) -> None:
+        """Stop the active plugins requiring a service of `provider` (their own consumers
+        first) before it goes away for good; they wait for it to come back."""
+        active = [n for n, r in self.records.items() if r.generation is not None]
+        for name in self.deps.dependents(provider, active):
+            rec = self.records[name]
+            async with self._operation(rec):
+                decl = self.deps.declared(name)
+                if rec.generation is None or decl is None:
+                    continue
+                await self._stop_dependents(name)
+                keys = set(self.kernel.services.provided_by(provider))
+                needed = ", ".join(service_name(k) for k in decl.requires if k in keys)
+                await self._unload(rec, forget_modules=True, transfer=False)
+                self.deps.waiting[name] = decl
+                rec.state = PluginState.PENDING
+                rec.error = (
+                    f"stopped: plugin {provider!r}, which provides {needed}, went away; "
+                    "it starts again once that is served"
+                )
+                rec.log.warning("plugin %r %s", name, rec.error)
+            await self._emit_failed(rec, rec.error)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -263,6 +369,7 @@ class PluginManager(GenerationOps):
             rec.enabled = True
             await self._persist_enabled(rec)
         await self.kernel.emit(KernelEvent("plugin.enabled", {"name": name}, plugin=name))
+        await self._start_waiting()
         return OperationResult(self.info(name), self.conflicts_of(name))
 
     async def disable(self, name: str) -> OperationResult:
@@ -272,7 +379,9 @@ class PluginManager(GenerationOps):
             raise EssentialPluginError(name, f"plugin {name!r} is essential and cannot be disabled")
         async with self._operation(rec):
             changed = rec.enabled or rec.generation is not None
+            self.deps.waiting.pop(name, None)
             if rec.generation is not None:
+                await self._stop_dependents(name)
                 await self._unload(rec, forget_modules=True, transfer=True)
             rec.state = PluginState.DISPOSED if rec.candidate.problem is None else rec.state
             rec.enabled = False
@@ -303,6 +412,7 @@ class PluginManager(GenerationOps):
                 rec.last_reload_error = ReloadFailure(exc.message, time.time())
                 raise
         await self.kernel.emit(KernelEvent("plugin.reloaded", {"name": name}, plugin=name))
+        await self._start_waiting()
         return OperationResult(self.info(name), self.conflicts_of(name))
 
     async def _reload(self, rec: PluginRecord) -> None:
@@ -339,7 +449,9 @@ class PluginManager(GenerationOps):
                 "can be deleted",
             )
         async with self._operation(rec):
+            self.deps.waiting.pop(name, None)
             if rec.generation is not None:
+                await self._stop_dependents(name)
                 await self._unload(rec, forget_modules=True, transfer=True)
             info = attrs.evolve(self.info(name), state=PluginState.DISPOSED, enabled=False)
             path = rec.candidate.path
@@ -360,7 +472,9 @@ class PluginManager(GenerationOps):
         """A user plugin's directory disappeared: take it down and forget it (data kept)."""
         rec = self.record(name)
         async with self._operation(rec):
+            self.deps.waiting.pop(name, None)
             if rec.generation is not None:
+                await self._stop_dependents(name)
                 await self._unload(rec, forget_modules=True, transfer=True)
             self.records.pop(name, None)
         await self.kernel.emit(KernelEvent("plugin.removed", {"name": name}, plugin=name))

@@ -44,6 +44,10 @@ SHOWN_IN_FULL = {
         TOOLS_PLUGIN / "plugin.toml",
         TOOLS_PLUGIN / "__init__.py",
         EXAMPLES / "test_neko_tools.py",
+        EXAMPLES / "neko_counter_api.py",
+        EXAMPLES / "plugins" / "neko_counter_service" / "__init__.py",
+        EXAMPLES / "plugins" / "neko_counter_user" / "__init__.py",
+        EXAMPLES / "test_neko_services.py",
     ),
     "embedding.md": (EXAMPLES / "embed_app.py",),
 }

@@ -9,15 +9,16 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from builtin_plugins.api.cors import CORSMiddleware
-from builtin_plugins.api.hub import SERVICE as HUB_SERVICE
 from builtin_plugins.api.hub import Hub
 from builtin_plugins.api.openapi import openapi_json
-from builtin_plugins.api.ratelimit import SERVICE as RATE_LIMIT_SERVICE
 from builtin_plugins.api.ratelimit import RateLimiter, RateLimitMiddleware
 from builtin_plugins.api.shapes import conflict_json, event_json, record_json
 from builtin_plugins.api.web import ErrorMiddleware
 from kernel import KernelEvent, MiddlewareSpec, PluginContext, RouteSpec, hookimpl
+from kernel.protocols import WsHub
 from kernel.version import __version__
+
+provides = (WsHub, RateLimiter)
 
 
 async def health(request: Request) -> JSONResponse:
@@ -74,7 +75,7 @@ _CHANNEL_CHANGES = (
 
 async def websocket(ws: WebSocket) -> None:
     """`/ws`: the hub (it authenticates by header, `?token=` or a first `auth` frame)."""
-    hub = ws.scope["nekobot.kernel"].services.get(HUB_SERVICE)
+    hub = ws.scope["nekobot.kernel"].services.current(WsHub)
     if not isinstance(hub, Hub):
         await ws.close(code=1013)
         return
@@ -83,9 +84,9 @@ async def websocket(ws: WebSocket) -> None:
 
 @hookimpl
 async def nekobot_plugin_start(ctx: PluginContext) -> None:
-    ctx.provide(RATE_LIMIT_SERVICE, RateLimiter())
+    ctx.provide(RateLimiter, RateLimiter())
     hub = Hub(ctx.kernel, ctx.start_task)
-    ctx.provide(HUB_SERVICE, hub)
+    ctx.provide(WsHub, hub)
     ctx.on_dispose(hub.aclose, name="ws relay")
     ctx.on_dispose(
         ctx.kernel.logging.buffer.subscribe(

@@ -34,9 +34,9 @@ from builtin_plugins.api.fanout import BUILTIN_CHANNELS, Fanout, Followup, Subsc
 from builtin_plugins.api.relay import RelayLink, StartTask
 from builtin_plugins.api.web import loads
 from kernel.asgi import PRINCIPAL
+from kernel.protocols import AuthService
 from kernel.server import WEBSOCKET_HANDOFF
 
-SERVICE = "ws.hub"
 #: After the relay failed to start, connections are served in-process this long before
 #: it is tried again.
 RELAY_RETRY_SECONDS = 30.0
@@ -250,16 +250,16 @@ class Hub:
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The claims of a valid token, as the auth service checks it for HTTP."""
-        service = self.kernel.services.get("auth")
+        service = self.kernel.services.current(AuthService)
         claims = service.verify(token) if service is not None else None
         return claims if isinstance(claims, dict) else None
 
     def token_valid(self, claims: Mapping[str, Any]) -> bool:
         """Whether a connection's token still holds (not expired, revoked or voided by a
         password change): the auth service decides, as for every HTTP request."""
-        still_valid = getattr(self.kernel.services.get("auth"), "still_valid", None)
-        if still_valid is not None:
-            return bool(still_valid(claims))
+        service = self.kernel.services.current(AuthService)
+        if service is not None:
+            return bool(service.still_valid(claims))
         return time.time() < float(claims.get("exp", 0))
 
     async def _first_frame_auth(self, ws: WebSocket) -> dict[str, Any] | None:

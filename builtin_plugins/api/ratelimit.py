@@ -11,7 +11,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from builtin_plugins.api.web import RESPONSE_HEADERS, failure
 from kernel.asgi import route_path
 
-SERVICE = "api.ratelimit"
 _WINDOW = 60.0
 _LIMITED_PREFIXES = ("/api", "/chat")
 
@@ -43,7 +42,7 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kernel: Any = scope.get("nekobot.kernel")
-        limiter = kernel.services.get(SERVICE) if kernel is not None else None
+        limiter = kernel.services.current(RateLimiter) if kernel is not None else None
         if (
             scope["type"] != "http"
             or not isinstance(limiter, RateLimiter)

@@ -13,15 +13,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from builtin_plugins.api.openapi import BOOL, STR, json_body, obj, operation, returns
 from builtin_plugins.api.web import ApiError, read_json, success
 from builtin_plugins.auth.service import AuthService, load_secret
-from kernel import MiddlewareSpec, PluginContext, RouteSpec, hookimpl
+from kernel import MiddlewareSpec, PluginContext, RouteSpec, hookimpl, protocols
 from kernel.asgi import PRINCIPAL
 
-SERVICE = "auth"
+provides = (protocols.AuthService,)
 
 
 def _service(scope: Scope) -> AuthService | None:
     kernel = scope.get("nekobot.kernel")
-    service = kernel.services.get(SERVICE) if kernel is not None else None
+    service = kernel.services.current(protocols.AuthService) if kernel is not None else None
     return service if isinstance(service, AuthService) else None
 
 
@@ -188,7 +188,7 @@ async def nekobot_plugin_start(ctx: PluginContext) -> None:
     kernel = ctx.kernel
     service = AuthService(ctx.store, secret, lambda: kernel.settings)
     await service.start()
-    ctx.provide(SERVICE, service)
+    ctx.provide(protocols.AuthService, service)
 
 
 @hookimpl

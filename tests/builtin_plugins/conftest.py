@@ -12,6 +12,7 @@ import pytest
 
 from builtin_plugins.api.hub import Hub
 from kernel import Kernel, KernelConfig
+from kernel.protocols import AuthService, WsHub
 from kernel.testing import serving
 
 
@@ -44,7 +45,7 @@ class ApiServer:
     @property
     def hub(self) -> Hub:
         """The `/ws` hub the `api` plugin provides."""
-        hub = self.kernel.services.get("ws.hub")
+        hub = self.kernel.services.current(WsHub)
         assert isinstance(hub, Hub)
         return hub
 
@@ -64,7 +65,7 @@ async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[A
     async with Kernel(config) as kernel:
         # The admin token straight from the auth service: a login over HTTP costs two
         # scrypt runs (~0.1 s) per test; the tests of login itself log in themselves.
-        token, _ = kernel.services.get("auth").issue("nekobot")
+        token, _ = kernel.services.current(AuthService).issue("nekobot")
         async with serving(kernel.asgi_app, handoff=handoff) as port:
             yield ApiServer(kernel, f"http://127.0.0.1:{port}", token, plugin_dir)
 

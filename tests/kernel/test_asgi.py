@@ -231,7 +231,7 @@ def tagging(app):
     async def middleware(scope, receive, send):
         block = dict(scope.get("headers", ())).get(b"x-block")
         if block is not None:
-            probe = scope["nekobot.kernel"].services.get("asgi_gated_probe")
+            probe = scope["nekobot.kernel"].services.current(dict)
             probe["inside"].set()
             await (probe["release"] if block == b"yes" else anyio.Event()).wait()
 
@@ -256,7 +256,7 @@ async def reload_self(request):
 
 
 async def hang(request):
-    request.scope["nekobot.kernel"].services.get("asgi_gated_probe")["inside"].set()
+    request.scope["nekobot.kernel"].services.current(dict)["inside"].set()
     await anyio.Event().wait()
 
 
@@ -281,7 +281,7 @@ def _gated(tag: str) -> str:
 
 def _provide_probe(kernel: Kernel) -> dict[str, anyio.Event]:
     probe = {"inside": anyio.Event(), "release": anyio.Event()}
-    kernel.services.provide("tests", "asgi_gated_probe", probe)
+    kernel.services.provide("tests", dict, probe)
     return probe
 
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from kernel.cli import is_loopback, main
+from kernel.protocols import AuthService
 from kernel.testing import running_kernel
 
 BUILTINS = ["api", "auth"]
@@ -123,11 +124,11 @@ def test_reset_password_voids_tokens_of_the_same_second(
 
     async def issue() -> str:
         async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
-            return str(kernel.services.get("auth").issue("nekobot")[0])
+            return str(kernel.services.current(AuthService).issue("nekobot")[0])
 
     async def valid(token: str) -> bool:
         async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
-            return kernel.services.get("auth").verify(token) is not None
+            return kernel.services.current(AuthService).verify(token) is not None
 
     token = anyio.run(issue)
     assert anyio.run(valid, token)

@@ -804,7 +804,7 @@ from kernel import hookimpl
 
 @hookimpl
 async def nekobot_on_event(event, ctx):
-    ctx.services.get("evt_heard").append((ctx.name, event.type))
+    ctx.services.current(list).append((ctx.name, event.type))
 
 @hookimpl
 async def nekobot_plugin_stop(ctx):
@@ -820,7 +820,7 @@ async def test_on_event_is_not_delivered_into_a_retiring_generation(tmp_path: Pa
     write_plugin(plugins, "evt_hear_b", _EVENT_LISTENER)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         heard: list[tuple[str, str]] = []
-        kernel.services.provide("tests", "evt_heard", heard)
+        kernel.services.provide("tests", list, heard)
         # a's stop hook emits while a's gate is already closed.
         await kernel.plugins.disable("evt_hear_a")
         with anyio.fail_after(5):

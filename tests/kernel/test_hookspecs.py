@@ -165,9 +165,9 @@ async def kernel(tmp_path: Path, plugin_dir: Path) -> AsyncIterator[Kernel]:
 
 @pytest.fixture
 def probe(kernel: Kernel) -> list[Any]:
-    """A list plugins append what they see to (`ctx.services.get("probe")`)."""
+    """A list plugins append what they see to (`ctx.services.current(list)`)."""
     seen: list[Any] = []
-    kernel.services.provide("tests", "probe", seen)
+    kernel.services.provide("tests", list, seen)
     return seen
 
 
@@ -212,14 +212,14 @@ async def test_nekobot_plugin_start_gets_config_and_its_tasks_are_disposed(
     from kernel import hookimpl
 
     async def forever(ctx):
-        ctx.services.get("probe").append("task running")
+        ctx.services.current(list).append("task running")
         await anyio.sleep_forever()
 
     @hookimpl
     async def nekobot_plugin_start(ctx):
-        ctx.services.get("probe").append(("start", dict(ctx.config)))
+        ctx.services.current(list).append(("start", dict(ctx.config)))
         ctx.start_task(forever, ctx, name="forever")
-        ctx.on_dispose(lambda: ctx.services.get("probe").append("disposed"))
+        ctx.on_dispose(lambda: ctx.services.current(list).append("disposed"))
     """
     schema = {"type": "object", "properties": {"greeting": {"type": "string", "default": "hi"}}}
     await add_plugin(kernel, plugin_dir, "doc_plugin_start", code, config_schema=schema)
@@ -256,7 +256,7 @@ async def test_nekobot_plugin_start_failure_fails_the_load(
 
     @hookimpl
     async def nekobot_plugin_stop(ctx):
-        ctx.services.get("probe").append("stopped")
+        ctx.services.current(list).append("stopped")
     """
     with pytest.raises(PluginLoadError, match=r"nekobot_plugin_start failed.*no database"):
         await add_plugin(kernel, plugin_dir, "doc_plugin_start_broken", code)
@@ -280,14 +280,14 @@ async def test_nekobot_plugin_stop_called_on_disable(
 
     @hookimpl
     async def nekobot_plugin_start(ctx):
-        ctx.services.get("probe").append("start")
+        ctx.services.current(list).append("start")
         ctx.start_task(anyio.sleep_forever)
-        ctx.on_dispose(lambda: ctx.services.get("probe").append("disposed"))
+        ctx.on_dispose(lambda: ctx.services.current(list).append("disposed"))
 
     @hookimpl
     async def nekobot_plugin_stop(ctx):
         # Still alive: the scope is disposed after this hook.
-        ctx.services.get("probe").append(("stop", ctx.scope.closed, ctx.scope.live_tasks))
+        ctx.services.current(list).append(("stop", ctx.scope.closed, ctx.scope.live_tasks))
         await ctx.store.kv_set("stopped", True)
     """
     await add_plugin(kernel, plugin_dir, "doc_plugin_stop", code)
@@ -367,7 +367,7 @@ def nekobot_commands():
 CONFIG_CHANGED = """
 @hookimpl
 async def nekobot_config_changed(ctx, config):
-    ctx.services.get("probe").append(("changed", dict(config), ctx.config == config))
+    ctx.services.current(list).append(("changed", dict(config), ctx.config == config))
 """
 
 
@@ -878,7 +878,7 @@ async def test_nekobot_on_event_receives_plugin_events(
 
     @hookimpl
     async def nekobot_on_event(event, ctx):
-        ctx.services.get("probe").append((event.type, event.plugin, dict(event.data)))
+        ctx.services.current(list).append((event.type, event.plugin, dict(event.data)))
     """
     emitter = """
     from kernel import CommandSpec, hookimpl

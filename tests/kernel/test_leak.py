@@ -26,6 +26,11 @@ from starlette.responses import PlainTextResponse
 from kernel import ChannelSpec, CommandSpec, RouteSpec, ToolSpec, hookimpl
 from . import sub
 
+class LkService:
+    pass
+
+provides = (LkService,)
+
 async def ping(cmd):
     return sub.answer() + " " + cmd.args
 
@@ -59,7 +64,7 @@ def nekobot_llm_tools():
 async def nekobot_plugin_start(ctx):
     ctx.start_task(heartbeat, ctx, name="heartbeat")
     ctx.on_dispose(lambda: None)
-    ctx.provide("lk_service", object())
+    ctx.provide(LkService, LkService())
 
 @hookimpl
 async def nekobot_on_message(event, ctx):
@@ -178,7 +183,7 @@ async def test_failed_loads_leave_nothing_behind(
     plugins.mkdir()
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         refs: list[weakref.ref[ModuleType]] = []
-        kernel.services.provide("tests", "lk_refs", refs)
+        kernel.services.provide("tests", list, refs)
         write_plugin(plugins, "lk_leaky", LEAKY, files={"sub.py": SUB})
         await kernel.plugins.rescan()
         collect()
@@ -186,7 +191,7 @@ async def test_failed_loads_leave_nothing_behind(
         broken = LEAKY.replace(
             "ctx.provide(",
             "import sys, weakref\n"
-            "    ctx.services.get('lk_refs').append(weakref.ref(sys.modules[__name__]))\n"
+            "    ctx.services.current(list).append(weakref.ref(sys.modules[__name__]))\n"
             "    raise RuntimeError('no start')\n"
             "    ctx.provide(",
         )

@@ -22,7 +22,7 @@ import anyio
 from kernel import CommandSpec, hookimpl
 
 def probe(ctx):
-    found = ctx.services.get("probe")
+    found = ctx.services.current(list)
     return found if found is not None else []
 
 async def ping(cmd):
@@ -53,7 +53,7 @@ def state(kernel: Kernel, name: str) -> PluginState:
 
 def provide_probe(kernel: Kernel) -> list[Any]:
     probe: list[Any] = []
-    kernel.services.provide("tests", "probe", probe)
+    kernel.services.provide("tests", list, probe)
     return probe
 
 
@@ -228,7 +228,7 @@ async def hang():
 
 @hookimpl
 async def nekobot_plugin_start(ctx):
-    probe = ctx.services.get("probe")
+    probe = ctx.services.current(list)
     if probe is None:
         return
     probe.append(ctx)
@@ -437,7 +437,7 @@ from kernel import hookimpl
 
 @hookimpl
 async def nekobot_plugin_stop(ctx):
-    ctx.services.get("probe").append(ctx.name)
+    ctx.services.current(list).append(ctx.name)
 """
 
 
@@ -449,7 +449,7 @@ async def test_shutdown_retires_the_last_loaded_first(tmp_path: Path) -> None:
     async with running_kernel(
         tmp_path / "data", plugin_dirs=[plugins], builtin_plugins=["api", "help"]
     ) as kernel:
-        kernel.services.provide("tests", "probe", probe)
+        kernel.services.provide("tests", list, probe)
         for name in ("lc_order_c", "lc_order_a", "lc_order_b"):
             write_plugin(plugins, name, ORDERED)
             await kernel.plugins.rescan()
@@ -484,9 +484,9 @@ async def test_provide_after_disposal_registers_nothing(tmp_path: Path) -> None:
         ctx = gen.ctx
         await kernel.plugins.disable("lc_provider")
         with pytest.raises(DisposedError):
-            ctx.provide("lc_late_service", object())
+            ctx.provide(object, object())
         # Nothing would ever withdraw it.
-        assert kernel.services.get("lc_late_service") is None
+        assert kernel.services.current(object) is None
 
 
 @pytest.mark.anyio
@@ -527,7 +527,7 @@ import anyio
 from kernel import CommandSpec, hookimpl
 
 async def hang(cmd):
-    cmd.ctx.services.get("lc_hang_started").set()
+    cmd.ctx.services.current(dict)["started"].set()
     await anyio.Event().wait()  # never set: only a cancellation ends this call
 
 async def reload_me(cmd):
@@ -541,7 +541,7 @@ def nekobot_commands():
 @hookimpl
 async def nekobot_on_event(event, ctx):
     if event.type == "lc.hang":
-        ctx.services.get("lc_hang_started").set()
+        ctx.services.current(dict)["started"].set()
         await anyio.Event().wait()
 """
 
@@ -560,7 +560,7 @@ async def test_a_call_outliving_the_gate_timeout_is_cancelled(tmp_path: Path, ho
         tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1, hook_timeout=3600
     ) as kernel:
         started = anyio.Event()
-        kernel.services.provide("tests", "lc_hang_started", started)
+        kernel.services.provide("tests", dict, {"started": started})
         bot = MockBot(kernel)
         replies: list[list[str]] = []
 
@@ -625,7 +625,7 @@ def nekobot_commands():
 
 @hookimpl
 async def nekobot_plugin_stop(ctx):
-    probe = ctx.services.get("lc_stop_probe")
+    probe = ctx.services.current(dict)
     probe["stopping"].set()
     await probe["release"].wait()
 """
@@ -643,7 +643,7 @@ async def test_an_operation_in_a_cancelled_call_still_completes(tmp_path: Path) 
         tmp_path / "data", plugin_dirs=[plugins], handler_timeout=0.1, hook_timeout=3600
     ) as kernel:
         probe = {"stopping": anyio.Event(), "release": anyio.Event()}
-        kernel.services.provide("tests", "lc_stop_probe", probe)
+        kernel.services.provide("tests", dict, probe)
         bot = MockBot(kernel)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -663,7 +663,7 @@ from kernel import hookimpl
 
 @hookimpl
 async def nekobot_plugin_start(ctx):
-    seen = ctx.services.get("probe")
+    seen = ctx.services.current(list)
     seen.append(ctx)
     kept = ctx.store  # a store object the plugin keeps
 
@@ -671,7 +671,7 @@ async def nekobot_plugin_start(ctx):
         # Disposal is not over yet: the context (and a kept store) still work for clean-up.
         await kept.kv_set("bye", True)
         seen.append(
-            (ctx.data_dir.name, ctx.services.get("probe") is seen, ctx.kernel.id, kept)
+            (ctx.data_dir.name, ctx.services.current(list) is seen, ctx.kernel.id, kept)
         )
 
     ctx.on_dispose(on_dispose)
@@ -703,7 +703,7 @@ async def test_the_context_works_during_disposal_and_refuses_after(tmp_path: Pat
         # The current generation's context is unaffected.
         new_ctx = probe[2]
         assert isinstance(new_ctx, PluginContext) and new_ctx is not old_ctx
-        assert new_ctx.kernel is kernel and new_ctx.services.get("probe") is probe
+        assert new_ctx.kernel is kernel and new_ctx.services.current(list) is probe
 
 
 EMITTER = """

@@ -337,7 +337,7 @@ def nekobot_config_schema():
 
 @hookimpl
 async def nekobot_config_changed(ctx, config):
-    ctx.services.get("changes").append(dict(config))
+    ctx.services.current(list).append(dict(config))
 """
 
 
@@ -347,7 +347,7 @@ async def test_config_changed_hook_applies_config_live(tmp_path: Path) -> None:
     write_plugin(plugins, "mgr_live", LIVE_CONFIG)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         changes: list[dict[str, str]] = []
-        kernel.services.provide("tests", "changes", changes)
+        kernel.services.provide("tests", list, changes)
         gen = kernel.plugins.records["mgr_live"].generation
         bot = MockBot(kernel)
         assert await bot.receive("/mgr_live") == ["a"]

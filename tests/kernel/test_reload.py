@@ -17,6 +17,7 @@ import pytest
 
 from kernel import KernelEvent, PluginState, ReloadError
 from kernel.kernel import Kernel
+from kernel.protocols import AuthService
 from kernel.testing import MockBot, running_kernel
 from tests.plugin_factory import write_plugin
 
@@ -458,7 +459,7 @@ def nekobot_routes():
 
 @hookimpl
 async def nekobot_plugin_stop(ctx):
-    release = ctx.services.get("rl_race_release")
+    release = (ctx.services.current(dict) or {{}}).get("release")
     if release is not None:
         await release.wait()
 """
@@ -474,7 +475,7 @@ async def test_a_key_claimed_while_the_old_generation_stops_fails_the_reload(
     write_plugin(plugins, "rl_race_a", RACER.format(tag="a1", paths=["/rl/race_a"]))
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         release = anyio.Event()
-        kernel.services.provide("test", "rl_race_release", release)
+        kernel.services.provide("test", dict, {"release": release})
         write_plugin(
             plugins, "rl_race_a", RACER.format(tag="a2", paths=["/rl/race_a", "/rl/race_x"])
         )
@@ -496,7 +497,7 @@ async def test_a_key_claimed_while_the_old_generation_stops_fails_the_reload(
                 return kernel.plugins.info("rl_race_a").state is PluginState.UNLOADING
 
             assert await eventually(retiring)
-            kernel.services.withdraw("test", "rl_race_release")  # b's stop must not wait
+            kernel.services.withdraw("test", dict)  # b's stop must not wait
             await kernel.plugins.enable("rl_race_b")  # claims /rl/race_x meanwhile
             release.set()
 
@@ -683,8 +684,8 @@ def nekobot_routes():
 @hookimpl
 async def nekobot_plugin_start(ctx):
     if {fail}:
-        ctx.services.get("rl_swap_starting").set()
-        await ctx.services.get("rl_swap_release").wait()
+        ctx.services.current(dict)["starting"].set()
+        await ctx.services.current(dict)["release"].wait()
         raise RuntimeError("rl_swap refuses")
 """
 
@@ -700,8 +701,7 @@ async def test_a_key_claimed_while_the_new_generation_starts_is_not_taken_back(
     write_plugin(plugins, "rl_swap", SWAP.format(tag="v1", paths=v1_paths, fail=False))
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         starting, release = anyio.Event(), anyio.Event()
-        kernel.services.provide("test", "rl_swap_starting", starting)
-        kernel.services.provide("test", "rl_swap_release", release)
+        kernel.services.provide("test", dict, {"starting": starting, "release": release})
         write_plugin(plugins, "rl_swap", SWAP.format(tag="v2", paths=["/rl/swap"], fail=True))
         write_plugin(
             plugins, "rl_swap_other", SWAP.format(tag="other", paths=["/rl/swap_old"], fail=False)
@@ -826,7 +826,9 @@ async def test_an_upload_with_enable_is_one_generation_under_the_watcher(
     ) as kernel:
         reloader = kernel.hot_reloader
         assert reloader is not None
-        token, _ = kernel.services.get("auth").issue("nekobot")
+        auth = kernel.services.current(AuthService)
+        assert auth is not None
+        token, _ = auth.issue("nekobot")
         transport = httpx.ASGITransport(app=kernel.asgi_app)
         async with httpx.AsyncClient(
             transport=transport,

@@ -304,7 +304,7 @@ async def which(call):
 
 @hookimpl
 async def nekobot_plugin_stop(ctx):
-    probe = ctx.services.get("probe")
+    probe = ctx.services.current(dict)
     if probe is not None:
         probe["stopping"].set()
         await probe["release"].wait()
@@ -322,7 +322,7 @@ async def test_a_call_during_a_reload_waits_for_the_new_generation(
     await add_plugin(kernel, plugin_dir, "tl_swap", SWAPPING.format(generation=1))
     assert (await kernel.tools.call("which")).value == 1
     probe = {"stopping": anyio.Event(), "release": anyio.Event()}
-    kernel.services.provide("tests", "probe", probe)
+    kernel.services.provide("tests", dict, probe)
     write_plugin(plugin_dir, "tl_swap", SWAPPING.format(generation=2))
     outcomes = []
 

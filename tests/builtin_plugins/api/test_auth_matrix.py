@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from builtin_plugins.api import fanout
 from builtin_plugins.auth.service import AuthService
+from kernel import protocols
 from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 
 pytestmark = pytest.mark.anyio
@@ -285,7 +286,7 @@ async def test_account_and_password_change_over_the_server(api: ApiServer) -> No
         r = await c.get("/api/account", headers=fresh)
         assert r.json()["data"] == {"username": "nekobot", "must_change_password": False}
     # Still so after a restart: a new service on the same store reads it back.
-    service = api.kernel.services.get("auth")
+    service = api.kernel.services.current(protocols.AuthService)
     assert isinstance(service, AuthService)
     again = AuthService(service.store, service.secret, lambda: api.kernel.settings)
     await again.start()

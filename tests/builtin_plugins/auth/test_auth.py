@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from builtin_plugins.auth.service import hash_password, verify_password
 from kernel import Kernel
+from kernel.protocols import AuthService
 from kernel.testing import running_kernel
 from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 
@@ -202,7 +203,7 @@ def test_login_limiter_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_revocations_of_expired_tokens_are_purged(kernel: Kernel) -> None:
     import time
 
-    auth = kernel.services.get("auth")
+    auth = kernel.services.current(AuthService)
     await auth.revoke({"jti": "old", "exp": time.time() - 10})
     await auth.revoke({"jti": "new", "exp": time.time() + 1000})
     assert set(auth.revoked) == {"new"}
@@ -217,7 +218,7 @@ async def test_trailing_slash_is_a_404_envelope_not_a_redirect(client: httpx.Asy
 
 
 async def test_verified_claims_are_the_callers_own(kernel: Kernel) -> None:
-    auth = kernel.services.get("auth")
+    auth = kernel.services.current(AuthService)
     token, _ = auth.issue("nekobot")
     claims = auth.verify(token)
     assert claims is not None
@@ -287,7 +288,7 @@ async def test_tokens_from_before_token_versions_keep_working(tmp_path: Path) ->
     data = tmp_path / "data"
     async with running_kernel(data, builtin_plugins=BUILTINS) as k:
         changed_at = int(time.time()) - 100
-        await k.services.get("auth").store.kv_set(
+        await k.services.current(AuthService).store.kv_set(
             "account:nekobot",
             {"password_hash": hash_password("long-enough-1"), "tokens_after": changed_at},
         )
@@ -325,7 +326,7 @@ async def test_ws_closes_4401_on_a_password_change_of_the_same_second(
     from builtin_plugins.api import fanout
 
     monkeypatch.setattr(fanout, "TOKEN_CHECK_SECONDS", 0.05)
-    token, _ = api.kernel.services.get("auth").issue("nekobot")
+    token, _ = api.kernel.services.current(AuthService).issue("nekobot")
     async with websockets.connect(api.ws_url(f"?token={token}")) as ws:
         await ws.send(json.dumps({"action": "ping"}))
         with anyio.fail_after(5):
