@@ -334,7 +334,7 @@ async def test_a_call_during_a_reload_waits_for_the_new_generation(
             tg.start_soon(kernel.plugins.reload, "tl_swap")
             # The old generation's gate is closed while its stop hook runs.
             await probe["stopping"].wait()
-            kernel.services.withdraw("tests", "probe")
+            kernel.services.withdraw("tests", dict)
             tg.start_soon(call)
             await anyio.wait_all_tasks_blocked()
             assert outcomes == []  # the call waits rather than fail
