@@ -35,7 +35,7 @@ from kernel.asgi import PRINCIPAL
 from kernel.calling import call_impl
 from kernel.hookspecs import CONTRIBUTION_HOOKS, SPEC_MODULES, all_hook_names
 from kernel.kernel import Kernel
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import MockBot, running_kernel, wait_until
 from tests.plugin_factory import purge_modules, write_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,13 +189,6 @@ def client(kernel: Kernel, *, principal: str | None = None) -> httpx.AsyncClient
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot")
 
 
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait until `check()` holds (for work the kernel does in the background)."""
-    with anyio.fail_after(5):
-        while not check():  # noqa: ASYNC110 - the kernel offers no event to wait on
-            await anyio.sleep(0.005)
-
-
 # ------------------------------------------------------------------ lifecycle
 
 
@@ -221,7 +214,7 @@ async def test_nekobot_plugin_start_gets_config_and_its_tasks_are_disposed(
     await add_plugin(kernel, plugin_dir, "doc_plugin_start", code, config_schema=schema)
 
     assert probe[0] == ("start", {"greeting": "hi"})
-    await eventually(lambda: "task running" in probe)
+    await wait_until(lambda: "task running" in probe)
     generation = kernel.plugins.record("doc_plugin_start").generation
     assert generation is not None and generation.scope is not None
     scope = generation.scope
@@ -788,10 +781,15 @@ from kernel import hookimpl
 
 @hookimpl
 async def nekobot_on_message(event, ctx):
-    if "boom" in event.text and ctx.name.endswith("_b"):
-        raise RuntimeError("boom")
-    await anyio.sleep({delay})
-    return f"{{ctx.name}} heard {{event.text}}"
+    answered = ctx.services.get("doc_b_answered")  # an anyio.Event, from the test
+    if ctx.name.endswith("_b"):
+        if "boom" in event.text:
+            raise RuntimeError("boom")
+        answered.set()
+    else:  # the first plugin by name answers once the other has
+        with anyio.fail_after(30):
+            await answered.wait()
+    return f"{ctx.name} heard {event.text}"
 """
 
 
@@ -800,8 +798,9 @@ async def test_nekobot_on_message_answers_what_no_command_does(
     kernel: Kernel, plugin_dir: Path
 ) -> None:
     # The first plugin by name finishes last, yet its answer is sent first.
-    await add_plugin(kernel, plugin_dir, "doc_on_message", ON_MESSAGE.format(delay=0.05))
-    await add_plugin(kernel, plugin_dir, "doc_on_message_b", ON_MESSAGE.format(delay=0))
+    kernel.services.provide("tests", "doc_b_answered", anyio.Event())
+    await add_plugin(kernel, plugin_dir, "doc_on_message", ON_MESSAGE)
+    await add_plugin(kernel, plugin_dir, "doc_on_message_b", ON_MESSAGE)
     bot = MockBot(kernel)
 
     assert await bot.receive("meow") == [
@@ -846,7 +845,7 @@ async def test_nekobot_on_event_receives_plugin_events(
     """
     await add_plugin(kernel, plugin_dir, "doc_on_event", listener)
     # A plugin sees its own enabling.
-    await eventually(lambda: ("plugin.enabled", "doc_on_event", {"name": "doc_on_event"}) in probe)
+    await wait_until(lambda: ("plugin.enabled", "doc_on_event", {"name": "doc_on_event"}) in probe)
 
     await add_plugin(kernel, plugin_dir, "doc_on_event_emitter", emitter)
     assert await MockBot(kernel).receive("/doc_shout hey") == ["shouted"]
@@ -857,9 +856,9 @@ async def test_nekobot_on_event_receives_plugin_events(
         ("doc.shouted", "doc_on_event_emitter", {"text": "hey"}),
         ("plugin.disabled", "doc_on_event_emitter", {"name": "doc_on_event_emitter"}),
     ]
-    await eventually(lambda: all(e in probe for e in expected))
+    await wait_until(lambda: all(e in probe for e in expected))
 
     # Kernel events reach the hook too (delivered in the background).
     probe.clear()
     await kernel.emit(KernelEvent("doc.ping", {"n": 1}))
-    await eventually(lambda: probe == [("doc.ping", None, {"n": 1})])
+    await wait_until(lambda: probe == [("doc.ping", None, {"n": 1})])
