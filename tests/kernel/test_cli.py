@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from kernel.cli import build_parser, config_from, main
-from kernel.testing import free_port
+from kernel.testing import PATIENCE, free_port
 from kernel.version import __version__
 from tests.kernel.test_archive import make_zip
 from tests.kernel.test_install import archive, code
@@ -288,7 +288,7 @@ def test_run_serves_until_interrupted(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + PATIENCE
         with httpx.Client(trust_env=False, timeout=2) as client:
             while True:
                 if proc.poll() is not None:
@@ -300,11 +300,11 @@ def test_run_serves_until_interrupted(tmp_path: Path) -> None:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    pytest.fail("nekobot run did not answer /api/health within 15 s")
-                time.sleep(0.1)
+                    pytest.fail(f"nekobot run did not answer /api/health within {PATIENCE} s")
+                time.sleep(0.1)  # another process: nothing to wait on but its answer
         assert response.json()["data"]["status"] == "ok"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=PATIENCE)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
         assert "kernel" in err and "stopped" in err
