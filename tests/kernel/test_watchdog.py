@@ -14,6 +14,7 @@ from kernel.watchdog import LoopWatchdog
 from tests.plugin_factory import write_plugin
 
 _BLOCKER = """
+import time
 
 from kernel import CommandSpec, hookimpl
 
