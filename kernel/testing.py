@@ -12,15 +12,38 @@ plugins.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import contextlib
+import inspect
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+import anyio
 
 from kernel.adapter import AdapterStats, Capabilities, SendResult
 from kernel.config import KernelConfig
 from kernel.kernel import Kernel
-from kernel.models import ChatType, MessageEvent, Reply, Segment, Sender, Target, Text
+from kernel.logs import LogRecord
+from kernel.models import (
+    ChatType,
+    KernelEvent,
+    MessageEvent,
+    Reply,
+    Segment,
+    Sender,
+    Target,
+    Text,
+)
+
+T = TypeVar("T")
+
+#: How long a test waits for what another task, thread or process does before it fails.
+#: Generous: a loaded machine is slow, and a correct run waits a fraction of it. Never a
+#: reason to sleep: wait on an event (`Collected.wait_for`) or a condition (`wait_until`).
+PATIENCE = 30.0
 
 
 class MockBot:
@@ -141,7 +164,6 @@ async def serving(app: Any, *, handoff: bool = True, **overrides: Any) -> AsyncI
     quiet, no lifespan) until the block ends; yields the port. `handoff=False` serves
     WebSockets with uvicorn's own protocol (the `/ws` hub then serves in-process).
     `overrides` are set on the uvicorn `Config`."""
-    import anyio
     import uvicorn
 
     from kernel.server import uvicorn_config
@@ -155,9 +177,7 @@ async def serving(app: Any, *, handoff: bool = True, **overrides: Any) -> AsyncI
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
-                await anyio.sleep(0.01)
+        await wait_until(lambda: server.started)  # uvicorn offers no event
         try:
             yield port
         finally:
@@ -179,3 +199,79 @@ class AsPrincipal:
         if scope["type"] in ("http", "websocket"):
             scope = {**scope, "nekobot.principal": self.principal}
         await self.app(scope, receive, send)
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], *, interval: float = 0.01
+) -> None:
+    """Poll `condition` (a function, or a coroutine function) until it holds;
+    TimeoutError after `PATIENCE` seconds.
+
+    Only for what offers nothing to wait on (another process, a thread's file, a flag
+    of a library): where an event can be observed, wait on it (`Collected`)."""
+    with anyio.fail_after(PATIENCE):
+        while True:
+            outcome = condition()
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            if outcome:
+                return
+            await anyio.sleep(interval)
+
+
+class Collected(Generic[T]):
+    """Items handed over by a callback (from the loop or from any thread), and a way to
+    wait for one: `events = record_events(kernel)`, act, then
+    `await events.wait_for(lambda e: e.type == "plugin.reloaded")`."""
+
+    def __init__(self, items: Sequence[T] = ()) -> None:
+        self.items: list[T] = list(items)
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._changed = anyio.Event()
+
+    def __call__(self, item: T) -> None:
+        """Add one item (the callback to subscribe with)."""
+        if threading.get_ident() == self._loop_thread:
+            self._add(item)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._add, item)
+
+    def _add(self, item: T) -> None:
+        self.items.append(item)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def wait_for(self, predicate: Callable[[T], bool]) -> T:
+        """The first item, collected so far or later, for which `predicate` holds;
+        TimeoutError after `PATIENCE` seconds."""
+        seen = 0
+        with anyio.fail_after(PATIENCE):
+            while True:
+                changed = self._changed
+                for item in self.items[seen:]:
+                    if predicate(item):
+                        return item
+                seen = len(self.items)
+                await changed.wait()
+
+
+def record_events(kernel: Kernel) -> Collected[KernelEvent]:
+    """Every kernel event from now on, while the kernel runs."""
+    events: Collected[KernelEvent] = Collected()
+    kernel.subscribe_events(events)
+    return events
+
+
+def record_logs(kernel: Kernel) -> Collected[LogRecord]:
+    """The kernel's log records: those it keeps now, and every one logged from now on
+    (by any thread) while it runs."""
+    records: Collected[LogRecord] = Collected()
+    buffer = kernel.logging.buffer
+    # Subscribed first, then the kept ones read: a record logged in between is in both
+    # (a duplicate does no harm to a wait), none is missed.
+    buffer.subscribe(records)
+    kept = list(buffer.records)
+    records.items[:0] = kept
+    return records

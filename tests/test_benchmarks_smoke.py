@@ -81,7 +81,6 @@ def test_hot_reload_quick() -> None:
 
 
 def test_startup_quick() -> None:
-    pytest.importorskip("kernel.cli", reason="`nekobot run` (kernel/cli.py) not there yet")
     figures = startup.main(["--quick"])
     _all_positive(figures, {"start_median_s", "stop_median_s"})
     if os.path.exists("/proc/self/status"):

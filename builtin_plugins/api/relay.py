@@ -100,6 +100,9 @@ class RelayLink:
         self._writing = False
         self._reading = False  # `run` waits on the socket
         self._ready = anyio.Event()
+        #: Set once the link is broken (the relay stopped, died or could not be reached):
+        #: from then on the hub serves no connection through it.
+        self.ended = anyio.Event()
         self._conns_changed = anyio.Event()
         self._stats: dict[int, list[Any]] = {}
         self._next_stats = 0
@@ -166,6 +169,7 @@ class RelayLink:
 
     def _broken(self) -> None:
         self.alive = False
+        self.ended.set()
         self.conns.clear()
         self.claims.clear()
         for item in self._queue:

@@ -13,7 +13,7 @@ import pytest
 from builtin_plugins.api.hub import Hub
 from kernel import Kernel, KernelConfig
 from kernel.protocols import AuthService, WsHub
-from kernel.testing import serving
+from kernel.testing import PATIENCE, serving
 
 
 @attrs.define
@@ -32,7 +32,7 @@ class ApiServer:
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         """A client for this server (unauthenticated unless headers are passed)."""
-        return httpx.AsyncClient(base_url=self.base_url, timeout=10.0, **kwargs)  # type: ignore[arg-type]
+        return httpx.AsyncClient(base_url=self.base_url, timeout=PATIENCE, **kwargs)  # type: ignore[arg-type]
 
     def authed(self) -> httpx.AsyncClient:
         """A client that sends the admin token."""

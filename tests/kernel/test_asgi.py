@@ -12,7 +12,7 @@ import pytest
 
 from kernel import ConflictError, PluginLoadError, PluginState
 from kernel.kernel import Kernel
-from kernel.testing import running_kernel
+from kernel.testing import PATIENCE, running_kernel
 from tests.plugin_factory import write_plugin
 
 
@@ -307,7 +307,7 @@ async def test_a_request_inside_middleware_delays_its_retirement(tmp_path: Path)
             await kernel.plugins.reload("asgi_gated")
             reloaded.set()
 
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             async with anyio.create_task_group() as tg:
                 # Blocked inside the v1 middleware, bound for the plugin's own route.
                 tg.start_soon(get, "held", "/asgi/gated", True)
@@ -353,7 +353,7 @@ async def test_a_request_outliving_the_gate_timeout_gets_503(tmp_path: Path, whe
                 response = await client.get("/asgi/gated/hang")
             responses.append(response)
 
-        with anyio.fail_after(10):  # a hang fails the test instead of stalling the suite
+        with anyio.fail_after(PATIENCE):  # a hang fails the test instead of stalling the suite
             async with anyio.create_task_group() as tg:
                 tg.start_soon(get)
                 await probe["inside"].wait()
@@ -380,7 +380,7 @@ async def test_a_request_reloading_the_plugin_of_its_middleware(tmp_path: Path) 
         client_of(kernel) as client,
     ):
         write_plugin(plugins, "asgi_gated", _gated("v2"))
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             response = await client.post("/asgi/gated/reload")
         assert (response.status_code, response.text) == (200, "reloaded")
         assert kernel.plugins.info("asgi_gated").reload_count == 1
@@ -408,7 +408,7 @@ async def test_a_websocket_through_middleware_is_closed_when_it_goes(tmp_path: P
                 accepted.set()
 
         scope = {"type": "websocket", "path": "/asgi/socket", "headers": [], "query_string": b""}
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(kernel.asgi_app, scope, receive, send)
                 await accepted.wait()

@@ -24,7 +24,7 @@ from kernel.contributions import COMMANDS, MIDDLEWARE, ROUTES, Contributions
 from kernel.errors import ContributionError
 from kernel.hookspecs import PROJECT, SPEC_MODULES
 from kernel.lifecycle import Gate, GateClosedError
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import PATIENCE, MockBot, running_kernel
 from tests.plugin_factory import write_plugin
 
 
@@ -185,10 +185,10 @@ async def test_call_impl_bounds_and_isolates(caplog: pytest.LogCaptureFixture) -
     log = logging.getLogger("nekobot.test.calling")
     kwargs = {"ctx": "C", "event": "E"}
     [start] = impls_of(pm, "nekobot_plugin_start", "unit#1")
-    outcome = await call_impl(start, kwargs, plugin="unit", hook="h", timeout=1, log=log)
+    outcome = await call_impl(start, kwargs, plugin="unit", hook="h", timeout=PATIENCE, log=log)
     assert (outcome.plugin, outcome.value, outcome.error) == ("unit", "started C", None)
     [stop] = impls_of(pm, "nekobot_plugin_stop", "unit#1")
-    outcome = await call_impl(stop, kwargs, plugin="unit", hook="stop", timeout=1, log=log)
+    outcome = await call_impl(stop, kwargs, plugin="unit", hook="stop", timeout=PATIENCE, log=log)
     assert isinstance(outcome.error, ValueError)
     [on_event] = impls_of(pm, "nekobot_on_event", "unit#1")
     outcome = await call_impl(on_event, kwargs, plugin="unit", hook="ev", timeout=0.05, log=log)
@@ -198,7 +198,10 @@ async def test_call_impl_bounds_and_isolates(caplog: pytest.LogCaptureFixture) -
     assert impls_of(pm, "nekobot_no_such_hook", "unit#1") == []
 
     outcomes = await call_each(
-        [("a", stop, kwargs, None), ("b", start, kwargs, None)], hook="each", timeout=1, log=log
+        [("a", stop, kwargs, None), ("b", start, kwargs, None)],
+        hook="each",
+        timeout=PATIENCE,
+        log=log,
     )
     assert [o.plugin for o in outcomes] == ["a", "b"]
     assert isinstance(outcomes[0].error, ValueError) and outcomes[1].value == "started C"
@@ -208,7 +211,7 @@ async def test_call_impl_bounds_and_isolates(caplog: pytest.LogCaptureFixture) -
     outcomes = await call_each(
         [("a", start, kwargs, closed), ("b", start, kwargs, open_gate)],
         hook="each",
-        timeout=1,
+        timeout=PATIENCE,
         log=log,
     )
     assert isinstance(outcomes[0].error, GateClosedError) and outcomes[1].value == "started C"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from kernel.cli import build_parser, config_from, main
-from kernel.testing import free_port
+from kernel.testing import PATIENCE, free_port
 from kernel.version import __version__
 from tests.kernel.test_archive import make_zip
 from tests.kernel.test_install import archive, code
@@ -288,7 +288,7 @@ def test_run_serves_until_interrupted(tmp_path: Path) -> None:
             response = client.get(f"http://127.0.0.1:{port}/api/health")
         assert response.json()["data"]["status"] == "ok"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=PATIENCE)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
         assert "kernel" in err and "stopped" in err
@@ -403,7 +403,7 @@ def start_bot(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + PATIENCE
     with httpx.Client(trust_env=False, timeout=2) as client:
         while True:
             if proc.poll() is not None:
@@ -415,7 +415,7 @@ def start_bot(
                 pass
             if time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"nekobot run did not answer within 30 s: {proc.communicate()}")
+                pytest.fail(f"nekobot run did not answer within {PATIENCE} s: {proc.communicate()}")
             # Polling: a process that starts has no event to wait on.
             time.sleep(0.1)
 

@@ -23,7 +23,7 @@ from kernel.deps import (
     resolve_requirements,
 )
 from kernel.errors import InstallError, PluginLoadError
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import MockBot, running_kernel, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -238,6 +238,8 @@ async def test_failed_install_uninstalls_only_what_it_installed(
     deps = ["nekotestdep_c==1.0", "nekotestdep_d==1.0"]
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], pip_args=args) as k:
         await k.update_settings(allow_pip_install=True)
+        # The log file is written by a thread of its own, whenever: let it exist first.
+        await wait_until(k.logging.file.exists)
         data_before = _listing(tmp_path / "data")
 
         dry = await install_archive(k, _plugin_zip(deps, USES_DEPS, name), dry_run=True)

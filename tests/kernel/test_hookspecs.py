@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import attrs
 import httpx
 import pytest
@@ -39,7 +38,7 @@ from kernel.calling import call_impl
 from kernel.hookspecs import CONTRIBUTION_HOOKS, SPEC_MODULES, all_hook_names
 from kernel.kernel import Kernel
 from kernel.llm import ChatMessage, ChatRequest, ChatResponse, Usage
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import MockBot, running_kernel, wait_until
 from tests.plugin_factory import purge_modules, write_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,13 +192,6 @@ def client(kernel: Kernel, *, principal: str | None = None) -> httpx.AsyncClient
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot")
 
 
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait until `check()` holds (for work the kernel does in the background)."""
-    with anyio.fail_after(5):
-        while not check():  # noqa: ASYNC110 - the kernel offers no event to wait on
-            await anyio.sleep(0.005)
-
-
 # ------------------------------------------------------------------ lifecycle
 
 
@@ -225,7 +217,7 @@ async def test_nekobot_plugin_start_gets_config_and_its_tasks_are_disposed(
     await add_plugin(kernel, plugin_dir, "doc_plugin_start", code, config_schema=schema)
 
     assert probe[0] == ("start", {"greeting": "hi"})
-    await eventually(lambda: "task running" in probe)
+    await wait_until(lambda: "task running" in probe)
     generation = kernel.plugins.record("doc_plugin_start").generation
     assert generation is not None and generation.scope is not None
     scope = generation.scope
@@ -893,7 +885,7 @@ async def test_nekobot_on_event_receives_plugin_events(
     """
     await add_plugin(kernel, plugin_dir, "doc_on_event", listener)
     # A plugin sees its own enabling.
-    await eventually(lambda: ("plugin.enabled", "doc_on_event", {"name": "doc_on_event"}) in probe)
+    await wait_until(lambda: ("plugin.enabled", "doc_on_event", {"name": "doc_on_event"}) in probe)
 
     await add_plugin(kernel, plugin_dir, "doc_on_event_emitter", emitter)
     assert await MockBot(kernel).receive("/doc_shout hey") == ["shouted"]
@@ -904,9 +896,9 @@ async def test_nekobot_on_event_receives_plugin_events(
         ("doc.shouted", "doc_on_event_emitter", {"text": "hey"}),
         ("plugin.disabled", "doc_on_event_emitter", {"name": "doc_on_event_emitter"}),
     ]
-    await eventually(lambda: all(e in probe for e in expected))
+    await wait_until(lambda: all(e in probe for e in expected))
 
     # Kernel events reach the hook too (delivered in the background).
     probe.clear()
     await kernel.emit(KernelEvent("doc.ping", {"n": 1}))
-    await eventually(lambda: probe == [("doc.ping", None, {"n": 1})])
+    await wait_until(lambda: probe == [("doc.ping", None, {"n": 1})])

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from kernel import (
@@ -22,7 +25,7 @@ from kernel import (
 )
 from kernel.archive import STAGING_PREFIX, ArchiveLimits
 from kernel.install import install_archive
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import PATIENCE, MockBot, running_kernel
 from tests.kernel.test_archive import MALICIOUS, make_zip
 from tests.plugin_factory import manifest_text, purge_modules, write_plugin
 
@@ -488,22 +491,37 @@ async def test_dry_run_with_missing_dependencies_extracts_nothing(
         assert result.conflicts_unknown is not None
 
 
-SLOW_IMPORT = """
-import time
+GATE = "nekobot_test_install_gate"
 
-time.sleep(0.3)  # in the import thread: the install is cancelled meanwhile
+SLOW_IMPORT = f"""
+import sys
+
+# In the import thread: the test cancels the install meanwhile, then lets this go on.
+gate = sys.modules["{GATE}"]
+gate.importing.set()
+gate.release.wait(30)
 """
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("dry_run", [False, True])
 async def test_a_cancelled_install_removes_its_staging_directory(
-    tmp_path: Path, plugin_dir: Path, dry_run: bool
+    tmp_path: Path, plugin_dir: Path, dry_run: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"{PREFIX}cancelled_{int(dry_run)}"
+    gate = types.SimpleNamespace(importing=threading.Event(), release=threading.Event())
+    monkeypatch.setitem(sys.modules, GATE, gate)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugin_dir]) as kernel:
-        with anyio.move_on_after(0.1) as cancelled:
-            await install_archive(kernel, archive(name, SLOW_IMPORT), dry_run=dry_run)
+        with anyio.CancelScope() as cancelled:
+
+            async def cancel_while_importing() -> None:
+                assert await anyio.to_thread.run_sync(gate.importing.wait, PATIENCE)
+                cancelled.cancel()
+                gate.release.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_while_importing)
+                await install_archive(kernel, archive(name, SLOW_IMPORT), dry_run=dry_run)
         assert cancelled.cancel_called  # while it was importing (a dry run may still finish)
         assert listing(plugin_dir) == []
         assert name not in kernel.plugins.records

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kernel.testing import AsPrincipal, running_kernel
+from kernel.testing import PATIENCE, AsPrincipal, running_kernel
 from tests.plugin_factory import write_plugin
 
 pytestmark = pytest.mark.anyio
@@ -81,8 +81,10 @@ async def test_open_websocket_does_not_block_disable_and_is_closed(tmp_path: Pat
 
     plugins = tmp_path / "plugins"
     write_plugin(plugins, "kk_ws", ROUTES.replace("kk_routes", "kk_ws"))
+    # A disable that waited for the open socket would wait out the handler timeout:
+    # one far beyond the test's patience.
     async with running_kernel(
-        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=30
+        tmp_path / "data", plugin_dirs=[plugins], handler_timeout=3600
     ) as kernel:
         app = AsPrincipal(kernel.asgi_app)
         to_app = anyio.create_memory_object_stream[Message](10)
@@ -105,9 +107,9 @@ async def test_open_websocket_does_not_block_disable_and_is_closed(tmp_path: Pat
             await to_app[0].send({"type": "websocket.connect"})
             assert (await from_app[1].receive())["type"] == "websocket.accept"
             assert (await from_app[1].receive())["text"] == "hello"
-            with anyio.fail_after(5):  # not the 30 s handler timeout
+            with anyio.fail_after(PATIENCE):  # not the handler timeout
                 await kernel.plugins.disable("kk_ws")
-            with anyio.fail_after(5):
+            with anyio.fail_after(PATIENCE):
                 closing = await from_app[1].receive()
             assert closing == {"type": "websocket.close", "code": 1012}
 

@@ -38,7 +38,7 @@ async def page(request):
     return PlainTextResponse(sub.answer())
 
 async def heartbeat(ctx):
-    while True:
+    while True:  # a task that lives as long as the plugin (its disposal is what counts)
         await anyio.sleep(3600)
 
 @hookimpl

@@ -13,7 +13,7 @@ import pytest
 from kernel import DisposedError, KernelEvent, PluginContext, PluginLoadError, PluginState
 from kernel.kernel import Kernel
 from kernel.lifecycle import Gate, GateClosedError, Scope
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import PATIENCE, MockBot, record_logs, running_kernel
 from tests.plugin_factory import write_plugin
 
 # Plugins report what they see through a list the test provides as the `probe` service.
@@ -250,7 +250,9 @@ async def nekobot_plugin_start(ctx):
 async def test_scope_disposal_on_disable(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=0.2) as kernel:
+    # Short enough to wait out the hanging step, long enough for every other step on a
+    # loaded machine.
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=1) as kernel:
         probe = provide_probe(kernel)
         write_plugin(plugins, "lc_scoped", SCOPED)
         await kernel.plugins.rescan()
@@ -261,7 +263,7 @@ async def test_scope_disposal_on_disable(tmp_path: Path) -> None:
         assert scope.live_tasks == 1
         probe.clear()
 
-        with anyio.fail_after(5):  # the hanging callback is bounded by hook_timeout
+        with anyio.fail_after(PATIENCE):  # the hanging callback is bounded by hook_timeout
             await kernel.plugins.disable("lc_scoped")
 
         # Tasks are cancelled first, then callbacks run last-registered first; a step
@@ -297,7 +299,7 @@ class NeverEntered:
 async def test_scope_disposed_on_reload_and_shutdown(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=0.2) as kernel:
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins], hook_timeout=1) as kernel:
         probe = provide_probe(kernel)
         write_plugin(plugins, "lc_scoped2", SCOPED)
         await kernel.plugins.rescan()
@@ -326,10 +328,13 @@ async def test_scope_unit_behaviour() -> None:
         async def crash() -> None:
             raise RuntimeError("task crash is logged, not raised")
 
+        released = anyio.Event()
+
         async def stubborn() -> None:
-            # Ignores cancellation for a while: disposal gives up after step_timeout.
+            # Ignores cancellation until released (after the disposal): disposal gives
+            # up on it after step_timeout.
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(0.5)
+                await released.wait()
             order.append("stubborn done")
 
         handle = scope.start_task(crash)
@@ -338,7 +343,7 @@ async def test_scope_unit_behaviour() -> None:
         scope.start_task(stubborn)
         scope.on_dispose(lambda: order.append("a"))
         scope.on_dispose(lambda: order.append("b"))
-        with anyio.fail_after(5):
+        with anyio.fail_after(PATIENCE):
             await scope.dispose()
         assert order == ["b", "a"]
         await scope.dispose()  # idempotent: nothing runs twice
@@ -346,6 +351,7 @@ async def test_scope_unit_behaviour() -> None:
         assert scope.closed
         with pytest.raises(DisposedError):
             scope.on_dispose(lambda: None)
+        released.set()
     assert order == ["b", "a", "stubborn done"]
 
 
@@ -570,7 +576,7 @@ async def test_a_call_outliving_the_gate_timeout_is_cancelled(tmp_path: Path, ho
             else:
                 replies.append(await bot.receive("/lc_hang"))
 
-        with anyio.fail_after(10):  # a hang fails the test instead of stalling the suite
+        with anyio.fail_after(PATIENCE):  # a hang fails the test instead of stalling the suite
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receive)
                 await started.wait()
@@ -594,7 +600,7 @@ async def test_a_command_reloading_its_own_plugin_is_not_cancelled(tmp_path: Pat
         tmp_path / "data", plugin_dirs=[plugins], handler_timeout=3600
     ) as kernel:
         bot = MockBot(kernel)
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             assert await bot.receive("/lc_reload_me") == ["reloaded"]
         assert kernel.plugins.info("lc_hang").reload_count == 1
         assert state(kernel, "lc_hang") is PluginState.ACTIVE
@@ -645,7 +651,7 @@ async def test_an_operation_in_a_cancelled_call_still_completes(tmp_path: Path) 
         probe = {"stopping": anyio.Event(), "release": anyio.Event()}
         kernel.services.provide("tests", dict, probe)
         bot = MockBot(kernel)
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(bot.receive, "/lc_reload_other")
                 await probe["stopping"].wait()  # the reload is in lc_slow_stop's stop hook
@@ -708,10 +714,18 @@ async def test_the_context_works_during_disposal_and_refuses_after(tmp_path: Pat
 
 EMITTER = """
 import anyio
-from kernel import CommandSpec, hookimpl
+from kernel import CommandSpec, PluginState, hookimpl
 
 async def slow(cmd):
+    kernel = cmd.ctx.kernel
     await cmd.ctx.emit("zzlc.ping")
+    # Still running once the event's handler is retiring this plugin (its gate is
+    # closed, its reload waits for the calls inside) ...
+    with anyio.fail_after(30):
+        while kernel.plugins.info("zzlc_emitter").state is not PluginState.UNLOADING:
+            await anyio.sleep(0.01)  # a state, with no event to wait on
+    # ... and a while longer: a window for a reload that wrongly does not wait to
+    # finish first. A slow machine can only narrow it, never fail a right kernel.
     await anyio.sleep(0.3)
     cmd.ctx.log.info("zzlc command done")
     return "done"
@@ -740,14 +754,8 @@ async def test_an_event_handler_is_not_inside_the_emitters_call(tmp_path: Path) 
     write_plugin(plugins, "zzlc_emitter", EMITTER)
     write_plugin(plugins, "zzlc_reloader", EVENT_RELOADER)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
-
-        def order() -> list[str]:
-            return [
-                r.message for r in kernel.logging.buffer.records if r.message.startswith("zzlc ")
-            ]
-
+        records = record_logs(kernel)
         assert await MockBot(kernel).receive("/zzlc_slow") == ["done"]
-        with anyio.fail_after(5):
-            while len(order()) < 2:  # noqa: ASYNC110 (the handler runs apart)
-                await anyio.sleep(0.01)
-        assert order() == ["zzlc command done", "zzlc reloaded"]
+        await records.wait_for(lambda r: r.message == "zzlc reloaded")  # the handler runs apart
+        order = [r.message for r in records.items if r.message.startswith("zzlc ")]
+        assert order == ["zzlc command done", "zzlc reloaded"]

@@ -10,8 +10,7 @@ import anyio
 import pytest
 
 from kernel import Kernel, KernelConfig, PluginState, ServiceUnavailableError
-from kernel.testing import running_kernel
-from tests.kernel.test_hookspecs import eventually
+from kernel.testing import running_kernel, wait_until
 from tests.plugin_factory import write_plugin
 
 
@@ -280,7 +279,7 @@ async def test_use_holds_the_provider_for_a_block_and_a_reload_waits_for_it(
         async def hold() -> None:
             async with kernel.services.handle(Counter).use() as counter:
                 inside.set()
-                await eventually(lambda: rec.state is PluginState.UNLOADING)
+                await wait_until(lambda: rec.state is PluginState.UNLOADING)
                 # The reload waits for this block: the old generation still serves it.
                 seen.extend([await counter.bump(), counter.peek()])
 
@@ -313,7 +312,7 @@ async def test_a_call_outliving_its_providers_retirement_fails_naming_the_servic
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang)
-            await eventually(lambda: gen.gate.in_flight == 1)
+            await wait_until(lambda: gen.gate.in_flight == 1)
             await kernel.plugins.reload("sv_counter")  # cancels the call after 0.1 s
         assert len(failures) == 1
         assert "outlived its provider's retirement" in failures[0].message
@@ -446,7 +445,7 @@ async def test_a_consumer_reloads_while_its_provider_reloads_too(tmp_path: Path)
             await probe["starting"].wait()
             tg.start_soon(kernel.plugins.reload, "sv_user")
             # The consumer's new generation is starting: its call waits for the provider.
-            await eventually(lambda: user.generation is not old)
+            await wait_until(lambda: user.generation is not old)
             probe["release"].set()
         assert user.state is PluginState.ACTIVE and user.reload_count == 1
         assert ("start", "sv_user", True) in log

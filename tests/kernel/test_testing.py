@@ -9,11 +9,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
-from kernel import Image, Reply, Sender, Target, Text
+from kernel import Image, KernelEvent, Reply, Sender, Target, Text, testing
 from kernel.kernel import Kernel
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import (
+    Collected,
+    MockBot,
+    record_events,
+    record_logs,
+    running_kernel,
+    wait_until,
+)
 from tests.plugin_factory import write_plugin
 
 _ECHO = """
@@ -163,3 +172,60 @@ async def test_running_kernel_options_can_be_overridden(tmp_path: Path) -> None:
         assert kernel.config.hot_reload is False
         assert list(kernel.plugins.records) == ["help"]
     assert not kernel.running
+
+
+# -- waiting for what other tasks and threads do ----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_collected_waits_for_an_item_from_another_thread() -> None:
+    items: Collected[int] = Collected([1])
+    assert await items.wait_for(lambda n: n == 1) == 1  # collected already
+    async with anyio.create_task_group() as tg:
+        # Handed over from a worker thread (before or while the wait below runs).
+        tg.start_soon(anyio.to_thread.run_sync, lambda: [items(n) for n in (2, 3)])
+        assert await items.wait_for(lambda n: n > 2) == 3
+    items(4)  # and from the loop's thread
+    assert await items.wait_for(lambda n: n == 4) == 4
+
+
+@pytest.mark.anyio
+async def test_collected_gives_up_after_its_patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(testing, "PATIENCE", 0.05)
+    items: Collected[int] = Collected([1, 2])
+    with pytest.raises(TimeoutError):
+        await items.wait_for(lambda n: n > 2)
+
+
+@pytest.mark.anyio
+async def test_record_logs_and_events(tmp_path: Path) -> None:
+    async with running_kernel(tmp_path / "data") as kernel:
+        kernel.log.warning("zztesting before")
+        records = record_logs(kernel)
+        events = record_events(kernel)
+        await anyio.to_thread.run_sync(kernel.log.warning, "zztesting from a thread")
+        kernel.log.warning("zztesting after")
+        await kernel.emit(KernelEvent("zztesting.ping", {"n": 1}))
+        for text in ("before", "from a thread", "after"):
+            found = await records.wait_for(lambda r, t=text: r.message == f"zztesting {t}")
+            assert found.level == "WARNING"
+        assert (await events.wait_for(lambda e: e.type == "zztesting.ping")).data == {"n": 1}
+
+
+@pytest.mark.anyio
+async def test_wait_until_polls_a_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def third_time() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    async def at_once() -> bool:
+        return True
+
+    await wait_until(third_time, interval=0)
+    assert len(calls) == 3
+    await wait_until(at_once)
+    monkeypatch.setattr(testing, "PATIENCE", 0.05)
+    with pytest.raises(TimeoutError):
+        await wait_until(lambda: False)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from kernel.testing import MockBot, running_kernel
+from kernel.testing import MockBot, record_logs, running_kernel
 from kernel.watchdog import LoopWatchdog
 from tests.plugin_factory import write_plugin
 
@@ -19,12 +19,17 @@ import time
 from kernel import CommandSpec, hookimpl
 
 
-def _work():
-    time.sleep(0.6)
+def _work(watchdog):
+    # Blocks the loop on purpose (that is what is tested), until the watchdog's thread
+    # has noticed: however long a loaded machine makes that take, not a fixed while.
+    deadline = time.monotonic() + 30
+    while not any(p == "wd_blocker" for p, _ in watchdog.stalls):
+        assert time.monotonic() < deadline, "the watchdog never noticed"
+        time.sleep(0.01)
 
 
 async def block(cmd):
-    _work()
+    _work(cmd.ctx.kernel.watchdog)
     return "blocked"
 
 
@@ -47,26 +52,18 @@ async def test_a_blocking_handler_is_reported_with_its_plugin(tmp_path: Path) ->
         watchdog=True,
         block_threshold=0.2,
     ) as kernel:
+        records = record_logs(kernel)
         bot = MockBot(kernel)
         assert await bot.receive("/fine") == ["fine"]
         # (A busy machine may stall the loop anywhere; only the plugin must not be blamed.)
         assert "wd_blocker" not in [p for p, _ in kernel.watchdog.stalls]
         assert await bot.receive("/block") == ["blocked"]
-        # The watching thread reports while the loop is still blocked, so the record
-        # exists by now; allow it a moment anyway in case the thread was descheduled.
-        for _ in range(100):
-            if any(p == "wd_blocker" for p, _ in kernel.watchdog.stalls):
-                break
-            await anyio.sleep(0.05)
         [seconds] = [s for p, s in kernel.watchdog.stalls if p == "wd_blocker"]
         assert seconds >= 0.2
-        warnings = [
-            r
-            for r in kernel.logging.buffer.records
-            if r.level == "WARNING" and "blocked" in r.message and r.plugin is not None
-        ]
-        assert warnings, list(kernel.logging.buffer.records)
-        record = warnings[0]
+        # Logged by the watching thread right after it recorded the stall.
+        record = await records.wait_for(
+            lambda r: r.level == "WARNING" and "blocked" in r.message and r.plugin is not None
+        )
         assert record.plugin == "wd_blocker"
         assert "wd_blocker" in record.message
         # The innermost plugin frame is named, not the kernel's.
@@ -88,8 +85,9 @@ def test_watchdog_unit_blames_unowned_code_as_none() -> None:
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(dog.run)
-            await anyio.sleep(0.05)
-            time.sleep(0.4)  # noqa: ASYNC251 -- blocks the loop on purpose
+            await anyio.lowlevel.checkpoint()  # the heartbeat and its thread start
+            # Blocks the loop on purpose, until the watching thread has reported it.
+            done.wait(30)
             tg.cancel_scope.cancel()
         dog.stop()
 

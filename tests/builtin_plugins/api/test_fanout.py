@@ -27,6 +27,7 @@ from builtin_plugins.api.fanout import (
     encode,
     text_frame,
 )
+from kernel.testing import PATIENCE, wait_until
 
 
 def make(channels: tuple[str, ...] = ("logs", "events", "zz.plug")) -> Fanout:
@@ -167,19 +168,39 @@ def hand_over(
     return client, client_proto
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():  # noqa: ASYNC110 (state of the relay in this loop)
-            await anyio.sleep(0.01)
+def adopted(relay: Relay, conn: int) -> Callable[[], bool]:
+    """Whether the relay has adopted connection `conn` (it does so in a task of its own,
+    which offers nothing to wait on: polled with `wait_until`)."""
+    return lambda: conn in relay.conns and relay.conns[conn].transport is not None
 
 
-async def read_frames(client: socket.socket, proto: ClientProtocol) -> list[Any]:
-    """What the client got so far (the handshake response, frames)."""
-    await anyio.sleep(0.05)
-    with contextlib.suppress(BlockingIOError):
-        while data := client.recv(1 << 16):
+async def read_frames(
+    client: socket.socket, proto: ClientProtocol, until: Callable[[list[Any]], bool]
+) -> list[Any]:
+    """What the client gets (the handshake response, frames), read as it arrives until
+    `until(what came so far)` holds, or the relay closes the socket."""
+    events: list[Any] = []
+    with anyio.fail_after(PATIENCE):
+        while not until(events):
+            await anyio.wait_readable(client)
+            try:
+                data = client.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
             proto.receive_data(data)
-    return list(proto.events_received())
+            events.extend(proto.events_received())
+    return events
+
+
+async def answer_pings(client: socket.socket, proto: ClientProtocol) -> None:
+    """Read what comes, and answer each ping (the client protocol queues the pong) as
+    soon as it arrives."""
+    while True:
+        await read_frames(client, proto, lambda events: bool(events))
+        for data in proto.data_to_send():
+            client.send(data)
 
 
 @pytest.mark.anyio
@@ -188,8 +209,8 @@ async def test_a_close_sent_with_the_adoption_is_not_lost() -> None:
         close = {"op": "close", "conn": 1, "code": 4401, "reason": "token expired or revoked"}
         client, proto = hand_over(bot, 1, authed=True, then=(close,))
         with client:
-            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
-            events = await read_frames(client, proto)
+            await wait_until(adopted(relay, 1))
+            events = await read_frames(client, proto, lambda events: len(events) >= 2)
             assert [type(e).__name__ for e in events] == ["Response", "Frame"]
             assert events[1].opcode is Opcode.CLOSE
             assert proto.close_rcvd is not None and proto.close_rcvd.code == 4401
@@ -208,10 +229,10 @@ async def test_an_unauthenticated_peer_that_reads_nothing_is_closed_in_time() ->
     async with relay_here(auth_grace=0.3) as (relay, bot):
         client, _ = hand_over(bot, 1, authed=False)
         with client:
-            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            await wait_until(adopted(relay, 1))
             await fill_write_buffer(relay, 1)
             # The authentication deadline still holds (then the closing one).
-            await until(lambda: 1 not in relay.conns, timeout=3)
+            await wait_until(lambda: 1 not in relay.conns)
 
 
 @pytest.mark.anyio
@@ -219,10 +240,10 @@ async def test_a_protocol_error_from_a_peer_that_reads_nothing_ends_it() -> None
     async with relay_here(send_timeout=0.3) as (relay, bot):
         client, _ = hand_over(bot, 1, authed=True)
         with client:
-            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            await wait_until(adopted(relay, 1))
             await fill_write_buffer(relay, 1)
             client.send(Frame(Opcode.TEXT, b"unmasked").serialize(mask=False))
-            await until(lambda: 1 not in relay.conns, timeout=3)
+            await wait_until(lambda: 1 not in relay.conns)
 
 
 @pytest.mark.anyio
@@ -230,21 +251,20 @@ async def test_pings_from_a_peer_that_reads_nothing_do_not_pile_up() -> None:
     async with relay_here() as (relay, bot):
         client, _ = hand_over(bot, 1, authed=True)
         with client:
-            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
+            await wait_until(adopted(relay, 1))
             transport = relay.conns[1].transport
             assert transport is not None
             pings = memoryview(Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 40_000)
             sent = 0
-            with anyio.move_on_after(2):
-                while sent < len(pings):  # ~5 MB of pings: as many pongs
-                    try:
+            # ~5 MB of pings (as many pongs) until the relay stops reading: its writes
+            # to a client that reads nothing back up, and it must not read more meanwhile.
+            with anyio.fail_after(PATIENCE):
+                while transport.is_reading() and sent < len(pings):
+                    with contextlib.suppress(BlockingIOError):
                         sent += client.send(pings[sent : sent + (1 << 16)])
-                    except BlockingIOError:
-                        await anyio.sleep(0.01)
-                    else:
-                        await anyio.lowlevel.checkpoint()
-            # The relay stopped reading once its writes backed up: the client could not
-            # send everything, and what waits for it stays near the buffer limit.
+                    await anyio.lowlevel.checkpoint()  # the relay reads (or pauses)
+            # The client could not send everything, and what waits for it stays near
+            # the buffer limit.
             assert not relay.conns[1].closing
             assert sent < len(pings)
             assert transport.get_write_buffer_size() < 2 * WRITE_BUFFER_HIGH
@@ -252,15 +272,15 @@ async def test_pings_from_a_peer_that_reads_nothing_do_not_pile_up() -> None:
 
 @pytest.mark.anyio
 async def test_a_peer_that_answers_no_ping_is_closed() -> None:
-    async with relay_here(ping_interval=0.1) as (relay, bot):
+    # An interval long enough for the answering peer to answer each ping before the
+    # next however loaded the machine; the silent one is closed at the second.
+    async with relay_here(ping_interval=0.5) as (relay, bot):
         silent, _ = hand_over(bot, 1, authed=True)
         answering, proto = hand_over(bot, 2, authed=True)
         with silent, answering:
-            await until(lambda: 1 in relay.conns and relay.conns[1].transport is not None)
-            with anyio.move_on_after(0.5):
-                while True:  # the client library answers pings as it reads
-                    await read_frames(answering, proto)
-                    for data in proto.data_to_send():
-                        answering.send(data)
-            assert 1 in relay.conns and relay.conns[1].closing  # 1011, then closed
+            await wait_until(adopted(relay, 1))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(answer_pings, answering, proto)
+                await wait_until(lambda: 1 not in relay.conns or relay.conns[1].closing)
+                tg.cancel_scope.cancel()
             assert 2 in relay.conns and not relay.conns[2].closing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ import websockets
 
 from builtin_plugins.api import fanout
 from builtin_plugins.api.fanout import PRIVATE_LIMIT, RING_SIZE
-from kernel.testing import MockBot
+from kernel.testing import PATIENCE, MockBot
 from tests.builtin_plugins.conftest import WS_MODES, ApiServer
 from tests.plugin_factory import purge_modules, write_plugin
 
@@ -78,10 +79,10 @@ async def send(ws: websockets.ClientConnection, frame: Any) -> None:
 
 
 async def recv_until(
-    ws: websockets.ClientConnection, pred: Callable[[dict[str, Any]], bool], timeout: float = 5
+    ws: websockets.ClientConnection, pred: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
     """The first message matching `pred` (others, e.g. log records, are skipped)."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(PATIENCE):
         while True:
             message: dict[str, Any] = json.loads(await ws.recv())
             if pred(message):
@@ -256,23 +257,23 @@ async def test_a_stalled_subscriber_stalls_nobody(api: ApiServer) -> None:
                 for batch in range(200):
                     for i in range(25):
                         log.info("zws burst %d %s", batch * 25 + i, padding)
-                    await anyio.sleep(0.001)
+                    await anyio.sleep(0.001)  # paces the flood: messages go on meanwhile
                     if batch % 50 == 0:
                         # Messages are handled all the while, and the queues are bounded:
                         # a ring per channel, a cursor per reader.
-                        with anyio.fail_after(5):
+                        with anyio.fail_after(PATIENCE):
                             assert await bot.receive("/help help")
                         now = await counters(api)
                         assert now["ring_sizes"].get("logs", 0) <= RING_SIZE
                         assert max(now["private"]) <= PRIVATE_LIMIT
                 # The reader gets the newest records promptly (a marker, repeated until
                 # seen: a reader that fell behind skips what does not fit its queue).
-                with anyio.fail_after(10):
+                with anyio.fail_after(PATIENCE):
                     while not got_marker.is_set():
                         log.info("zws-final-marker")
                         with anyio.move_on_after(0.05):
                             await got_marker.wait()
-                with anyio.fail_after(5):
+                with anyio.fail_after(PATIENCE):
                     assert await bot.receive("/help help")
 
             bursts = [m for m in received if "zws burst" in m.get("data", {}).get("message", "")]
@@ -299,11 +300,11 @@ async def test_a_peer_that_stops_reading_is_dropped(
         await subscribe(ws, "logs")
         assert (await counters(api))["subscribers"] == 1
         padding = "y" * 4000
-        with anyio.fail_after(20):
+        with anyio.fail_after(PATIENCE):
             while (await counters(api))["subscribers"]:
                 for i in range(50):
                     log.info("zws flood %d %s", i, padding)
-                await anyio.sleep(0.01)
+                await anyio.sleep(0.01)  # paces the flood (the condition is the server's)
 
 
 async def test_a_burst_makes_a_reader_skip_not_drop(api: ApiServer) -> None:
@@ -318,7 +319,7 @@ async def test_a_burst_makes_a_reader_skip_not_drop(api: ApiServer) -> None:
             log.info("zws burst-skip %d", i)
         got: list[int] = []
         skipped = 0
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             while not got or got[-1] != total - 1:
                 m = json.loads(await ws.recv())
                 if m["type"] == "skipped":
@@ -351,7 +352,7 @@ async def test_batch_frames(api: ApiServer) -> None:
         for i in range(300):
             log.info("zws batched %d", i)
         seen: list[str] = []
-        with anyio.fail_after(5):
+        with anyio.fail_after(PATIENCE):
             while len(seen) < 300:
                 frame = json.loads(await ws.recv())
                 assert frame["type"] == "batch"
@@ -374,7 +375,7 @@ async def test_reloading_the_hub_tells_clients_to_reconnect(api: ApiServer) -> N
         async with api.authed() as c:
             r = await c.post("/api/plugins/reload", json={"name": "api"})
             assert r.status_code == 200, r.text
-        with anyio.fail_after(5), pytest.raises(websockets.ConnectionClosed) as closed:
+        with anyio.fail_after(PATIENCE), pytest.raises(websockets.ConnectionClosed) as closed:
             while True:
                 await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
@@ -498,11 +499,18 @@ import anyio
 from kernel import ChannelSpec, hookimpl
 
 RUNNING = []
+ALL_SENT = None  # set by the test: an anyio.Event, set once it sent every frame
 
 async def on_message(data):
     RUNNING.append(data)
     try:
-        await anyio.sleep(0.2 if data == 0 else 0)
+        if data == 0:
+            # In flight until the others were sent, then a while longer: a window for a
+            # hub that runs a connection's messages alongside each other to show it. A
+            # slow machine can only narrow the window, never fail a hub that is right.
+            with anyio.fail_after(30):
+                await ALL_SENT.wait()
+            await anyio.sleep(0.2)
         return {"echo": data, "alongside": len(RUNNING) - 1}
     finally:
         RUNNING.remove(data)
@@ -521,10 +529,13 @@ async def test_a_connections_messages_are_answered_in_order_one_at_a_time(
     async with api.authed() as c:
         assert (await c.post("/api/plugins/rescan")).is_success
         assert (await c.post("/api/plugins/enable", json={"name": "zws_order"})).is_success
+    plugin = sys.modules["zws_order"]
+    plugin.ALL_SENT = anyio.Event()
     async with connect(api) as ws:
         for n in range(3):  # the first one is slow
             await send(ws, {"action": "message", "channel": "zws_order.q", "data": n})
         await send(ws, {"action": "ping"})
+        plugin.ALL_SENT.set()
         got = [await recv_until(ws, lambda m: m["type"] in ("message", "pong")) for _ in range(4)]
         assert got[:3] == [
             {"type": "message", "channel": "zws_order.q", "data": {"echo": n, "alongside": 0}}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 
+from kernel.testing import wait_until
 from tests.builtin_plugins.conftest import ApiServer
 
 pytestmark = pytest.mark.anyio
@@ -13,12 +13,14 @@ pytestmark = pytest.mark.anyio
 async def test_logs_from_the_file(api: ApiServer) -> None:
     api.kernel.log.warning("written to the file")
     async with api.authed() as c:
-        for _ in range(100):  # the file is written by a listener thread
+
+        async def in_the_file() -> bool:  # written by a thread of its own: nothing to wait on
             r = await c.get("/api/logs", params={"source": "file", "q": "written to the file"})
             assert r.status_code == 200
-            if r.json()["data"]["total"]:
-                break
-            await anyio.sleep(0.02)
+            return bool(r.json()["data"]["total"])
+
+        await wait_until(in_the_file, interval=0.02)
+        r = await c.get("/api/logs", params={"source": "file", "q": "written to the file"})
         item = r.json()["data"]["items"][0]
         assert item["level"] == "WARNING"
         assert item["seq"] > 0

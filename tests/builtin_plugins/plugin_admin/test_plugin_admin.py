@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from kernel import PluginState
+from kernel.testing import PATIENCE
 from tests.builtin_plugins.conftest import ApiServer
 from tests.plugin_factory import manifest_text, purge_modules, write_plugin
 
@@ -90,7 +91,7 @@ from kernel import RouteSpec, hookimpl
 GEN = {gen}
 
 async def slow(request):
-    await anyio.sleep(0.2)
+    await anyio.sleep(0.2)  # work that keeps the request in flight while plugins swap
     return JSONResponse({{"gen": GEN}})
 
 @hookimpl
@@ -281,7 +282,7 @@ async def test_essential_and_builtin_plugins_are_protected(api: ApiServer) -> No
         r = await c.post("/api/plugins/reload", json={"name": "plugin_admin"})
         assert r.status_code == 202, r.text
         assert r.json()["data"]["scheduled"] is True
-        with anyio.fail_after(10):
+        with anyio.fail_after(PATIENCE):
             await reloaded.wait()
         p = await plugin(c, "plugin_admin")
         assert p["state"] == "active" and p["reload_count"] == 1
@@ -630,6 +631,8 @@ async def test_swaps_while_requests_are_in_flight(api: ApiServer) -> None:
         await add_plugin(api, c, "zpa_slow", SLOW_PLUGIN.format(gen=1))
         results: list[tuple[int, Any]] = []
 
+        # Timing only spreads the requests and swaps out (waiting for nothing): every
+        # outcome of their interleaving is checked below.
         async def call(delay: float) -> None:
             await anyio.sleep(delay)
             r = await c.get("/api/zpa_slow/work")
@@ -650,7 +653,7 @@ async def test_swaps_while_requests_are_in_flight(api: ApiServer) -> None:
                 r = await c.post("/api/plugins/reload", json={"name": "zpa_slow"})
                 assert r.status_code == 200, r.text
 
-        with anyio.fail_after(30):
+        with anyio.fail_after(PATIENCE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(toggle)
                 for i in range(50):
