@@ -50,8 +50,11 @@ class ApiServer:
 
 
 @asynccontextmanager
-async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[ApiServer]:
-    """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>."""
+async def api_server(
+    tmp_path: Path, *, handoff: bool = True, **options: object
+) -> AsyncIterator[ApiServer]:
+    """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>;
+    `options` are more `KernelConfig` fields."""
     plugin_dir = tmp_path / "user_plugins"
     plugin_dir.mkdir()
     config = KernelConfig(
@@ -60,6 +63,7 @@ async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[A
         entry_points=False,
         hot_reload=False,
         watchdog=False,
+        **options,  # type: ignore[arg-type]
     )
     async with Kernel(config) as kernel:
         # The admin token straight from the auth service: a login over HTTP costs two
