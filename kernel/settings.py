@@ -63,6 +63,8 @@ class Settings:
     allow_pip_install: bool = False
     #: Largest plugin upload, in bytes.
     upload_max_bytes: int = 5 * 1024 * 1024
+    #: Largest request body of a route that sets no `body_limit` (every JSON route).
+    request_max_bytes: int = 1024 * 1024
     #: Dashboard preferences (free-form, stored as given).
     ui: dict[str, Any] = attrs.field(factory=dict)
 
@@ -104,6 +106,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "guest_webchat": {"type": "boolean"},
         "allow_pip_install": {"type": "boolean"},
         "upload_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 512 * 1024 * 1024},
+        "request_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 512 * 1024 * 1024},
         "ui": {"type": "object"},
     },
 }
