@@ -114,6 +114,11 @@ SETTINGS_SCHEMA: dict[str, Any] = {
 #: Settings that take effect only after a restart (none today; the API reports them).
 RESTART_REQUIRED: frozenset[str] = frozenset()
 
+#: How deep, and how big, a value may be (`ui` is free-form): far beyond any real
+#: preference, far below what recursive validation and conversion can handle.
+MAX_DEPTH = 32
+MAX_ITEMS = 10_000
+
 T = TypeVar("T", BotConfig, Settings)
 _converter = cattrs.Converter()
 
@@ -124,10 +129,29 @@ def to_json(value: BotConfig | Settings) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
+def _check_shape(field: str, value: Any) -> None:
+    """ConfigError naming `field` if `value` nests deeper than MAX_DEPTH or holds more
+    than MAX_ITEMS values (walked without recursion: the point is to stop recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while pending:
+        item, depth = pending.pop()
+        count += 1
+        if count > MAX_ITEMS:
+            raise ConfigError(field, f"holds more than {MAX_ITEMS} values")
+        children = item.values() if isinstance(item, Mapping) else item
+        if isinstance(item, Mapping | list | tuple):
+            if depth > MAX_DEPTH:
+                raise ConfigError(field, f"is nested deeper than {MAX_DEPTH} levels")
+            pending.extend((child, depth + 1) for child in children)
+
+
 def merged(current: T, changes: Any, schema: Mapping[str, Any]) -> T:
     """`current` with `changes` merged in, validated; ConfigError names the bad field."""
     if not isinstance(changes, Mapping):
         raise ConfigError("body", "must be a JSON object")
+    for key, value in changes.items():
+        _check_shape(str(key), value)
     # Tuples are arrays too when Python callers pass them.
     full = {
         **to_json(current),
