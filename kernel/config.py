@@ -71,3 +71,7 @@ class KernelConfig:
     #: Open connections served at once; further ones are closed as soon as they are
     #: accepted (the limit is lowered to fit the process's file-descriptor limit).
     max_connections: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    #: Records of one kind (logger, level, message template) kept per interval; the rest
+    #: are counted and reported in one line ("suppressed N similar messages").
+    log_repeat_limit: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    log_repeat_interval: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
