@@ -57,6 +57,9 @@ async def api_server(
     `options` are more `KernelConfig` fields."""
     plugin_dir = tmp_path / "user_plugins"
     plugin_dir.mkdir()
+    # The log streaming tests make floods of one message on purpose, to load the fan-out;
+    # collapsing floods is tested by itself (tests/kernel/test_logs.py).
+    options.setdefault("log_repeat_limit", 1_000_000)
     config = KernelConfig(
         data_dir=tmp_path / "data",
         plugin_dirs=(plugin_dir,),
