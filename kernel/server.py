@@ -134,9 +134,14 @@ class BoundedH11Protocol(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
-        # Headers complete (the request is being served), or the connection upgraded.
-        if self.conn.their_state is not h11.IDLE or self.transport.get_protocol() is not self:
+        # Upgraded to a WebSocket, or headers complete (the request is being served).
+        if self.transport.get_protocol() is not self or self.conn.their_state is not h11.IDLE:
             self._disarm()
+        elif self._deadline is None and not self.transport.is_closing():
+            # Between requests without a deadline: the body of a request answered early
+            # (a 413) was read to its end after the response. A deadline that is set
+            # already is kept: bytes trickling in do not extend it.
+            self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -210,6 +210,25 @@ async def test_headers_sent_in_time_are_served_and_the_next_request_gets_a_deadl
                 await closed_by_server(stream)
 
 
+async def test_a_connection_idle_after_a_body_read_past_its_answer_gets_a_deadline() -> None:
+    config = KernelConfig(header_timeout=1.0)
+    async with serving(health, config=config) as port:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            # Answered without reading the body (as a 413 is): the server reads the rest
+            # after the response, and then waits for the next request's headers.
+            await stream.send(
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+            )
+            answer = b""
+            with anyio.fail_after(10):
+                while not answer.endswith(b"ok"):
+                    answer += await stream.receive()
+            await stream.send(b"x" * 100_000)
+            with anyio.fail_after(30):
+                await closed_by_server(stream)
+
+
 async def test_connections_beyond_the_limit_are_closed_at_once() -> None:
     # A long header deadline: only the connection limit can close anything here.
     config = KernelConfig(header_timeout=600, max_connections=20)
