@@ -1,5 +1,5 @@
-"""The kernel app's own limits, before any plugin code: the body cap of each route (over a
-real server: nothing past the cap is read) and the allowed `Host` names."""
+"""kernel.limits, the kernel app's own checks before any plugin code: the body cap of each
+route (over a real server: nothing past the cap is read) and the allowed `Host` names."""
 
 from __future__ import annotations
 
