@@ -94,7 +94,10 @@ async def running_kernel(
     builtin_plugins: Sequence[str] = (),
     **options: Any,
 ) -> AsyncIterator[Kernel]:
-    """A kernel for tests: no entry points, no hot reload and no watchdog unless asked."""
+    """A kernel for tests: no entry points, no hot reload and no watchdog unless asked;
+    besides the loopback names it serves `testserver`, the host of Starlette's
+    `TestClient`."""
+    options.setdefault("allowed_hosts", ("testserver",))
     options.setdefault("entry_points", False)
     options.setdefault("hot_reload", False)
     options.setdefault("watchdog", False)

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kernel import Reply, Segment, Sender, Target
@@ -165,3 +166,13 @@ async def test_running_kernel_options_can_be_overridden(tmp_path: Path) -> None:
         assert kernel.config.hot_reload is False
         assert list(kernel.plugins.records) == ["help"]
     assert not kernel.running
+
+
+@pytest.mark.anyio
+async def test_test_kernels_also_serve_the_test_clients_host(tmp_path: Path) -> None:
+    async with running_kernel(tmp_path / "data") as kernel:
+        transport = httpx.ASGITransport(app=kernel.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.get("/nowhere")).status_code == 404  # served: no such route
+            r = await c.get("/nowhere", headers={"Host": "elsewhere.example"})
+            assert r.status_code == 421
