@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -99,6 +98,10 @@ _RESERVED_FDS = 64
 def connection_limit(configured: int) -> int:
     """`configured`, lowered to fit the process's file-descriptor limit: a connection
     refused for lack of descriptors fails the accept loop itself (and logs each time)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no limit to read
+        return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
