@@ -271,7 +271,12 @@ async def _serve(port: int, data_dir: Path) -> None:
 
     plugin_dir = data_dir.parent / "plugins"
     config = KernelConfig(
-        data_dir=data_dir, plugin_dirs=(plugin_dir,), port=port, entry_points=False
+        data_dir=data_dir,
+        plugin_dirs=(plugin_dir,),
+        port=port,
+        entry_points=False,
+        # The load is one message template: not collapsed, or nothing would be measured.
+        log_repeat_limit=1_000_000_000,
     )
     async with Kernel(config) as kernel:
         await uvicorn.Server(uvicorn_config(kernel.asgi_app, port)).serve()  # type: ignore[arg-type]

@@ -4,25 +4,35 @@ Routes are private by default: unless a route says `public=True`, a request must
 `scope["nekobot.principal"]`, which an authentication middleware (contributed by a
 plugin through `nekobot_http_middleware`) sets. Without such a plugin nothing private
 is reachable: the default is deny.
+
+Before any plugin code, the `Host` of a request and the size of its body are checked
+(see `kernel.limits`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from kernel.lifecycle import Gate, GateCall, GateClosedError
+from kernel.limits import (
+    AllowedHosts,
+    CappedReceive,
+    content_length,
+    error_response,
+    misdirected,
+    only_too_large,
+    too_large_response,
+)
 from kernel.registry import Entry
 
 if TYPE_CHECKING:
@@ -44,12 +54,6 @@ def route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
-
-
-def error_response(status: int, message: str, code: str) -> Response:
-    """A JSON error in the API's envelope."""
-    body = json.dumps({"status": "error", "message": message, "code": code})
-    return Response(body, status_code=status, media_type="application/json")
 
 
 class _Endpoint:
@@ -110,10 +114,30 @@ class _Endpoint:
             await _unavailable(self.owner, scope, receive, tracked)
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
-        result = self.route.endpoint(Request(scope, receive, send))
-        if inspect.isawaitable(result):
-            result = await result
-        await result(scope, receive, send)
+        limit = self._body_limit()
+        declared = content_length(scope)
+        if declared is not None and declared > limit:  # refused before reading a byte
+            await too_large_response(limit, declared)(scope, receive, send)
+            return
+        capped = CappedReceive(receive, limit)
+        tracked = send if isinstance(send, _TrackedSend) else _TrackedSend(send)
+        try:
+            result = self.route.endpoint(Request(scope, capped, tracked))
+            if inspect.isawaitable(result):
+                result = await result
+            await result(scope, capped, tracked)
+        except BaseException as exc:
+            # Answered here, not by whatever error middleware a plugin adds: the cap is
+            # the kernel's, and holds without any plugin.
+            if only_too_large(exc) is None or tracked.started:
+                raise
+            await too_large_response(limit, declared)(scope, receive, tracked)
+
+    def _body_limit(self) -> int:
+        limit = self.route.body_limit
+        if limit is None:
+            return int(self.kernel.settings.request_max_bytes)
+        return limit if isinstance(limit, int) else int(limit(self.kernel))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A long-lived connection does not hold the gate (a reload would wait for it);
@@ -199,11 +223,16 @@ class KernelApp:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.routes: list[BaseRoute] = []
+        self._hosts = AllowedHosts(kernel.config.host, kernel.config.allowed_hosts)
         self._stack = self._build()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
+            return
+        host = self._hosts.refused(scope)
+        if host is not None:
+            await misdirected(host, scope, receive, send)
             return
         scope.setdefault("nekobot.kernel", self.kernel)
         stack = self._stack

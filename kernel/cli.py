@@ -37,6 +37,7 @@ import attrs
 from kernel.config import KernelConfig
 from kernel.datadir import DataDirBusyError, DataDirLock
 from kernel.errors import NekoError
+from kernel.logs import RepeatFilter
 from kernel.models import CommandConflict, PluginInfo, PluginState
 from kernel.protocols import AuthService
 from kernel.version import __version__
@@ -111,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"port to serve on (default: {KernelConfig().port})",
     )
+    serve.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="a host name requests may be addressed to besides the loopback ones, "
+        "repeatable ('*': any); see docs/security.md",
+    )
+    serve.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="ADDRESS",
+        help="address or network of a reverse proxy whose X-Forwarded-For is believed, "
+        "repeatable (default: none)",
+    )
 
     parser = _Parser(
         prog=PROG,
@@ -184,7 +203,7 @@ def config_from(args: argparse.Namespace, **options: Any) -> KernelConfig:
         os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
     )
     plugin_dirs = getattr(args, "plugin_dirs", None) or [DEFAULT_PLUGIN_DIR]
-    for key in ("host", "port"):
+    for key in ("host", "port", "allowed_hosts", "trusted_proxies"):
         if hasattr(args, key):
             options[key] = getattr(args, key)
     return KernelConfig(data_dir=data_dir, plugin_dirs=plugin_dirs, **options)
@@ -287,6 +306,8 @@ def _console_logging(level: int) -> Iterator[logging.Handler]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    # The console gets asyncio's and uvicorn's records too: a flood of one is collapsed.
+    handler.addFilter(RepeatFilter(report=handler.handle))
     root = logging.getLogger()
     root.addHandler(handler)
     try:

@@ -93,3 +93,19 @@ class KernelConfig:
     pip_args: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     #: Log records kept in memory for the API.
     log_buffer: int = 5000
+    #: Host names (besides the loopback ones and `host`) that requests may be addressed
+    #: to (the `Host` header); others get 421, which stops DNS rebinding. `"*"`: any.
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+    #: Addresses (or networks, `10.0.0.0/8`) of reverse proxies whose `X-Forwarded-For`
+    #: and `X-Forwarded-Proto` are believed; none by default, so the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+    #: Seconds a client has to send a request's headers (from connecting, or from the
+    #: previous response) before the connection is closed.
+    header_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    #: Open connections served at once; further ones are closed as soon as they are
+    #: accepted (the limit is lowered to fit the process's file-descriptor limit).
+    max_connections: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    #: Records of one kind (logger, level, message template) kept per interval; the rest
+    #: are counted and reported in one line ("suppressed N similar messages").
+    log_repeat_limit: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    log_repeat_interval: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))

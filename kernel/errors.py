@@ -111,3 +111,13 @@ class ConfigError(NekoError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class RequestTooLargeError(NekoError):
+    """A request body is larger than its route accepts (`limit` bytes)."""
+
+    code = "too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit

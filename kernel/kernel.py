@@ -43,7 +43,7 @@ from kernel.errors import ConfigError
 from kernel.events import Pipeline
 from kernel.lifecycle import detach_from_calls
 from kernel.loader import ModuleLoader
-from kernel.logs import KernelLogging
+from kernel.logs import KernelLogging, RepeatFilter
 from kernel.manager import PluginManager
 from kernel.models import (
     ChannelSpec,
@@ -97,7 +97,12 @@ class Kernel:
         self._stored_states: dict[str, Any] = {}
         self.bot_config = BotConfig(command_prefixes=self.config.command_prefixes)
         self.settings = Settings(hot_reload=self.config.hot_reload)
-        self.logging = KernelLogging(self.id, self.config.data_dir / "logs", self.config.log_buffer)
+        self.logging = KernelLogging(
+            self.id,
+            self.config.data_dir / "logs",
+            self.config.log_buffer,
+            RepeatFilter(self.config.log_repeat_limit, self.config.log_repeat_interval),
+        )
         self.plugins = PluginManager(self)
         self.services.plugins = self.plugins
         self.pipeline = Pipeline(self)

@@ -8,9 +8,11 @@ import logging
 import logging.handlers
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -32,6 +34,100 @@ class LogRecord:
 
 LogSubscriber = Callable[[LogRecord], None]
 
+#: What makes two records "the same" to `RepeatFilter`: logger, level, message template.
+_Kind = tuple[str, int, str]
+
+
+class RepeatFilter(logging.Filter):
+    """Lets through at most `limit` records of one kind (same logger, level and message
+    template, whatever the arguments) per `interval` seconds, and drops the rest; once
+    that interval is over, the next record to pass the filter is preceded by one record
+    "suppressed N similar messages" for them, given to `report` (the handler's `handle`).
+
+    A flood of one message (a failing accept loop logs each attempt) then costs a few
+    lines per interval instead of filling the disk. Thread-safe: records come from
+    worker threads and the watchdog too.
+    """
+
+    #: Kinds tracked at once; beyond, those without suppressed records are forgotten.
+    MAX_KINDS = 4096
+
+    def __init__(
+        self,
+        limit: int = 20,
+        interval: float = 10.0,
+        *,
+        report: Callable[[logging.LogRecord], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.limit = limit
+        self.interval = interval
+        self.report = report
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: kind -> [window start, records in the window]
+        self._windows: dict[_Kind, list[float]] = {}
+        #: kind -> [records suppressed, the first of them] for kinds over their limit
+        self._suppressed: dict[_Kind, list[Any]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "nekobot_summary", False):
+            return True
+        now = self.clock()
+        kind = (record.name, record.levelno, str(record.msg))
+        with self._lock:
+            due = self._due(now)
+            window = self._windows.get(kind)
+            if window is None or now - window[0] >= self.interval:
+                if len(self._windows) >= self.MAX_KINDS:
+                    self._forget()
+                window = self._windows[kind] = [now, 0]
+            window[1] += 1
+            allowed = window[1] <= self.limit
+            if not allowed:
+                held = self._suppressed.setdefault(kind, [0, record])
+                held[0] += 1
+        if self.report is not None:
+            for summary in due:
+                self.report(summary)
+        return allowed
+
+    def _due(self, now: float) -> list[logging.LogRecord]:
+        """Summaries of the kinds whose window with suppressed records is over."""
+        if not self._suppressed:
+            return []
+        out = []
+        for kind, (count, first) in list(self._suppressed.items()):
+            if now - self._windows[kind][0] >= self.interval:
+                del self._suppressed[kind]
+                del self._windows[kind]
+                out.append(self._summary(count, first))
+        return out
+
+    def _summary(self, count: int, first: logging.LogRecord) -> logging.LogRecord:
+        template = str(first.msg)
+        if len(template) > 200:
+            template = template[:200] + "…"
+        summary = logging.LogRecord(
+            first.name,
+            first.levelno,
+            first.pathname,
+            first.lineno,
+            "suppressed %d similar messages in %g s: %s",
+            (count, self.interval, template),
+            None,
+        )
+        summary.nekobot_summary = True
+        for key in ("nekobot_kernel", "plugin"):
+            if hasattr(first, key):
+                setattr(summary, key, getattr(first, key))
+        return summary
+
+    def _forget(self) -> None:
+        for kind in [k for k in self._windows if k not in self._suppressed]:
+            del self._windows[kind]
+
 
 class KernelLogHandler(logging.Handler):
     """Keeps one kernel's records: in memory (bounded) and for live subscribers.
@@ -40,9 +136,13 @@ class KernelLogHandler(logging.Handler):
     other code under the `nekobot` logger are kept by every kernel.
     """
 
-    def __init__(self, kernel_id: str, maxlen: int) -> None:
+    def __init__(self, kernel_id: str, maxlen: int, repeats: RepeatFilter | None = None) -> None:
         super().__init__(logging.DEBUG)
         self.kernel_id = kernel_id
+        #: Collapses floods of one message (None: keep every record).
+        self.repeats = repeats
+        if repeats is not None:
+            repeats.report = self.handle
         self.records: deque[LogRecord] = deque(maxlen=maxlen)
         self.subscribers: list[LogSubscriber] = []
         #: Where records go to be written to the file (by another thread), if anywhere.
@@ -51,7 +151,9 @@ class KernelLogHandler(logging.Handler):
 
     def filter(self, record: logging.LogRecord) -> bool:
         owner = getattr(record, "nekobot_kernel", None)
-        return owner is None or owner == self.kernel_id
+        if owner is not None and owner != self.kernel_id:
+            return False
+        return self.repeats is None or self.repeats.filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -209,8 +311,10 @@ class _FileWriter(threading.Thread):
 class KernelLogging:
     """Attaches one kernel's handler to the `nekobot` logger, and detaches it."""
 
-    def __init__(self, kernel_id: str, log_dir: Path, maxlen: int) -> None:
-        self.buffer = KernelLogHandler(kernel_id, maxlen)
+    def __init__(
+        self, kernel_id: str, log_dir: Path, maxlen: int, repeats: RepeatFilter | None = None
+    ) -> None:
+        self.buffer = KernelLogHandler(kernel_id, maxlen, repeats)
         self._log_dir = log_dir
         self._writer: _FileWriter | None = None
 

@@ -121,6 +121,9 @@ class RouteSpec:
     websocket: bool = False
     summary: str = ""
     openapi: Mapping[str, Any] | None = None
+    #: The largest request body the endpoint may read, in bytes, or `body_limit(kernel)`
+    #: for a limit read live; None: the `request_max_bytes` setting.
+    body_limit: int | Callable[[Any], int] | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen

@@ -63,6 +63,8 @@ class Settings:
     allow_pip_install: bool = False
     #: Largest plugin upload, in bytes.
     upload_max_bytes: int = 5 * 1024 * 1024
+    #: Largest request body of a route that sets no `body_limit` (every JSON route).
+    request_max_bytes: int = 1024 * 1024
     #: Dashboard preferences (free-form, stored as given).
     ui: dict[str, Any] = attrs.field(factory=dict)
 
@@ -104,12 +106,18 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "guest_webchat": {"type": "boolean"},
         "allow_pip_install": {"type": "boolean"},
         "upload_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 512 * 1024 * 1024},
+        "request_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 512 * 1024 * 1024},
         "ui": {"type": "object"},
     },
 }
 
 #: Settings that take effect only after a restart (none today; the API reports them).
 RESTART_REQUIRED: frozenset[str] = frozenset()
+
+#: How deep, and how big, a value may be (`ui` is free-form): far beyond any real
+#: preference, far below what recursive validation and conversion can handle.
+MAX_DEPTH = 32
+MAX_ITEMS = 10_000
 
 T = TypeVar("T", BotConfig, Settings)
 _converter = cattrs.Converter()
@@ -121,10 +129,29 @@ def to_json(value: BotConfig | Settings) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
+def _check_shape(field: str, value: Any) -> None:
+    """ConfigError naming `field` if `value` nests deeper than MAX_DEPTH or holds more
+    than MAX_ITEMS values (walked without recursion: the point is to stop recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while pending:
+        item, depth = pending.pop()
+        count += 1
+        if count > MAX_ITEMS:
+            raise ConfigError(field, f"holds more than {MAX_ITEMS} values")
+        children = item.values() if isinstance(item, Mapping) else item
+        if isinstance(item, Mapping | list | tuple):
+            if depth > MAX_DEPTH:
+                raise ConfigError(field, f"is nested deeper than {MAX_DEPTH} levels")
+            pending.extend((child, depth + 1) for child in children)
+
+
 def merged(current: T, changes: Any, schema: Mapping[str, Any]) -> T:
     """`current` with `changes` merged in, validated; ConfigError names the bad field."""
     if not isinstance(changes, Mapping):
         raise ConfigError("body", "must be a JSON object")
+    for key, value in changes.items():
+        _check_shape(str(key), value)
     # Tuples are arrays too when Python callers pass them.
     full = {
         **to_json(current),

@@ -135,7 +135,10 @@ async def running_kernel(
     builtin_plugins: Sequence[str] | None = (),
     **options: Any,
 ) -> AsyncIterator[Kernel]:
-    """A kernel for tests: no entry points, no hot reload and no watchdog unless asked."""
+    """A kernel for tests: no entry points, no hot reload and no watchdog unless asked;
+    besides the loopback names it serves `testserver`, the host of Starlette's
+    `TestClient`."""
+    options.setdefault("allowed_hosts", ("testserver",))
     options.setdefault("entry_points", False)
     options.setdefault("hot_reload", False)
     options.setdefault("watchdog", False)
@@ -159,22 +162,27 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(app: Any, *, handoff: bool = True, **overrides: Any) -> AsyncIterator[int]:
+async def serving(
+    app: Any, *, handoff: bool = True, config: KernelConfig | None = None, **overrides: Any
+) -> AsyncIterator[int]:
     """Serve `app` with uvicorn on a free 127.0.0.1 port (the settings of `nekobot run`,
     quiet, no lifespan) until the block ends; yields the port. `handoff=False` serves
     WebSockets with uvicorn's own protocol (the `/ws` hub then serves in-process).
-    `overrides` are set on the uvicorn `Config`."""
+    `config` gives the serving limits (default: those of the app's kernel, see
+    `kernel.server.uvicorn_config`); `overrides` are set on the uvicorn `Config`."""
     import uvicorn
 
     from kernel.server import uvicorn_config
 
     port = free_port()
-    config = uvicorn_config(app, "127.0.0.1", port, log_level="warning", lifespan="off")
+    served = uvicorn_config(
+        app, "127.0.0.1", port, log_level="warning", lifespan="off", config=config
+    )
     if not handoff:
-        config.ws = "websockets-sansio"
+        served.ws = "websockets-sansio"
     for key, value in overrides.items():
-        setattr(config, key, value)
-    server = uvicorn.Server(config)
+        setattr(served, key, value)
+    server = uvicorn.Server(served)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         await wait_until(lambda: server.started)  # uvicorn offers no event

@@ -157,10 +157,10 @@ async def test_example_plugin_runs_in_a_kernel(tmp_path: Path) -> None:
         assert "Usage: /weather [city] | /weather home CITY" in (await bot.receive("/help w"))[0]
 
         transport = httpx.ASGITransport(app=kernel.asgi_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bot") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             assert (await http.get("/api/neko_weather/forecasts")).status_code == 401
         transport = httpx.ASGITransport(app=signed_in(kernel.asgi_app))  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://bot") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             board = (await http.get("/api/neko_weather/forecasts")).json()["data"]
             assert board["refreshes"] == 1
             assert [f["city"] for f in board["forecasts"]] == ["Tokyo", "Paris"]

@@ -34,6 +34,7 @@ from kernel.errors import (
     PluginLoadError,
     PluginNotFoundError,
     ReloadError,
+    RequestTooLargeError,
 )
 
 log = logging.getLogger("nekobot.plugins.api")
@@ -55,6 +56,7 @@ _STATUS: tuple[tuple[type[NekoError], int], ...] = (
     (ConfigError, 400),
     (ConflictError, 409),
     (DisposedError, 503),
+    (RequestTooLargeError, 413),
     (NekoError, 400),
 )
 
@@ -232,9 +234,37 @@ def _object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def is_json_type(content_type: str | None) -> bool:
+    """Whether a `Content-Type` is JSON: `application/json` or `application/*+json`,
+    with any parameters (`; charset=utf-8`)."""
+    if not content_type:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def _json_body(request: Request) -> bytes:
+    """The body of a request that must be JSON if it has one: any other content type is
+    a 415. A browser page may send a `text/plain` body to another site without asking;
+    `application/json` needs the site's consent (CORS), so only that is parsed."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type")
+    if raw and not is_json_type(content_type):
+        given = f"{content_type[:100]!r}" if content_type else "none"
+        raise ApiError(
+            415,
+            f"request body must be JSON with Content-Type application/json (given: {given})",
+            "unsupported_media_type",
+            {"field": "Content-Type", "expected": "application/json"},
+        )
+    return raw
+
+
 async def read_object(request: Request) -> dict[str, Any]:
     """The request's JSON object, unchecked (for bodies the kernel validates itself)."""
-    return _object(await request.body())
+    return _object(await _json_body(request))
 
 
 async def read_json(
@@ -243,7 +273,7 @@ async def read_json(
     required: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The request's JSON object, checked: unknown fields and wrong types are a 400."""
-    raw = await request.body()
+    raw = await _json_body(request)
     if not raw:
         if required:
             raise ApiError(

@@ -35,7 +35,7 @@ from builtin_plugins.api.web import (
     success,
     unmask_config,
 )
-from builtin_plugins.plugin_admin.upload import UPLOAD_OPENAPI, upload_plugin
+from builtin_plugins.plugin_admin.upload import UPLOAD_OPENAPI, upload_body_limit, upload_plugin
 from kernel import PluginContext, RouteSpec, hookimpl
 from kernel.models import PluginInfo
 
@@ -263,6 +263,7 @@ def nekobot_routes() -> Iterable[RouteSpec]:
             name="upload_plugin",
             summary="Upload a plugin as a zip",
             openapi=UPLOAD_OPENAPI,
+            body_limit=upload_body_limit,
         ),
         RouteSpec(
             "/api/plugins/delete",

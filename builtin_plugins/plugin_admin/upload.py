@@ -108,6 +108,11 @@ UPLOAD_OPENAPI = operation(
 _OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 
 
+def upload_body_limit(kernel: Any) -> int:
+    """The route's body limit (the kernel's cap): the upload setting plus the framing."""
+    return int(kernel.settings.upload_max_bytes) + _OVERHEAD
+
+
 async def _bounded_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it grows past `limit`."""
     declared = request.headers.get("content-length")

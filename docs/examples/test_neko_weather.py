@@ -55,13 +55,13 @@ def signed_in(app: ASGIApp) -> ASGIApp:
 
 async def get_board(kernel: Kernel) -> httpx.Response:
     transport = httpx.ASGITransport(app=signed_in(kernel.asgi_app))
-    async with httpx.AsyncClient(transport=transport, base_url="http://bot") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         return await client.get("/api/neko_weather/forecasts")
 
 
 async def test_board_is_private(nekobot_kernel: Kernel) -> None:
     transport = httpx.ASGITransport(app=nekobot_kernel.asgi_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://bot") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         response = await client.get("/api/neko_weather/forecasts")
     assert response.status_code == 401
 

@@ -51,16 +51,23 @@ class ApiServer:
 
 
 @asynccontextmanager
-async def api_server(tmp_path: Path, *, handoff: bool = True) -> AsyncIterator[ApiServer]:
-    """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>."""
+async def api_server(
+    tmp_path: Path, *, handoff: bool = True, **options: object
+) -> AsyncIterator[ApiServer]:
+    """Every builtin plugin, a user plugin directory, served on 127.0.0.1:<free port>;
+    `options` are more `KernelConfig` fields."""
     plugin_dir = tmp_path / "user_plugins"
     plugin_dir.mkdir()
+    # The log streaming tests make floods of one message on purpose, to load the fan-out;
+    # collapsing floods is tested by itself (tests/kernel/test_logs.py).
+    options.setdefault("log_repeat_limit", 1_000_000)
     config = KernelConfig(
         data_dir=tmp_path / "data",
         plugin_dirs=(plugin_dir,),
         entry_points=False,
         hot_reload=False,
         watchdog=False,
+        **options,  # type: ignore[arg-type]
     )
     async with Kernel(config) as kernel:
         # The admin token straight from the auth service: a login over HTTP costs two

@@ -20,7 +20,7 @@ from tests.plugin_factory import write_plugin
 async def client_of(kernel: Kernel) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client that talks to the kernel's ASGI app in process (no network)."""
     transport = httpx.ASGITransport(app=kernel.asgi_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://nekobot.test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 

@@ -112,6 +112,17 @@ def test_options_make_the_kernel_config(monkeypatch: pytest.MonkeyPatch) -> None
     assert config_from(parser.parse_args(["--port", "1"])).data_dir == Path("from-env")
 
 
+def test_allowed_hosts_and_trusted_proxies_are_options() -> None:
+    parser = build_parser()
+    default = config_from(parser.parse_args([]))
+    assert (default.allowed_hosts, default.trusted_proxies) == ((), ())
+    args = ["run", "--allowed-host", "bot.example.com", "--allowed-host", "b.example"]
+    args += ["--trusted-proxy", "10.0.0.0/8"]
+    config = config_from(parser.parse_args(args))
+    assert config.allowed_hosts == ("bot.example.com", "b.example")
+    assert config.trusted_proxies == ("10.0.0.0/8",)
+
+
 # ------------------------------------------------------------------ plugins, offline
 
 

@@ -40,7 +40,7 @@ def test_reset_password_from_stdin(
     async def logins() -> tuple[int, int, bool]:
         async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
             transport = httpx.ASGITransport(app=kernel.asgi_app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 old = await c.post(
                     "/api/login", json={"username": "nekobot", "password": "nekobot"}
                 )
@@ -80,7 +80,7 @@ def test_reset_password_of_an_unknown_account_creates_none(
     async def login() -> int:
         async with running_kernel(data, builtin_plugins=BUILTINS) as kernel:
             transport = httpx.ASGITransport(app=kernel.asgi_app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 body = {"username": "nekobto", "password": "brand-new-secret"}
                 return (await c.post("/api/login", json=body)).status_code
 

@@ -71,7 +71,10 @@ async def test_two_kernels_embedded_in_one_app(tmp_path: Path) -> None:
     assert not cats.running and not dogs.running
 
     transport = httpx.ASGITransport(app=app)
-    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://h") as http:
+    async with (
+        lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://localhost") as http,
+    ):
         assert cats.running and dogs.running
         index = (await http.get("/")).json()["bots"]
         assert index["cats"]["kernel"] == cats.id != dogs.id == index["dogs"]["kernel"]
@@ -122,5 +125,5 @@ async def test_kernel_app_acknowledges_lifespan_without_starting_the_kernel(
     async with kernel, lifespan(kernel.asgi_app):
         assert kernel.running
         transport = httpx.ASGITransport(app=kernel.asgi_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bot") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             assert (await http.get("/api/health")).status_code == 200

@@ -189,7 +189,7 @@ def client(kernel: Kernel, *, principal: str | None = None) -> httpx.AsyncClient
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await inner({**scope, PRINCIPAL: principal}, receive, send)
 
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
 
 # ------------------------------------------------------------------ lifecycle

@@ -66,12 +66,12 @@ async def test_route_gets_its_plugin_context(tmp_path: Path) -> None:
     write_plugin(plugins, "kk_routes", ROUTES)
     async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
         transport = httpx.ASGITransport(app=AsPrincipal(kernel.asgi_app))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             r = await c.get("/kk/whoami")
             assert r.status_code == 200
             assert r.text == "kk_routes"
         bare = httpx.ASGITransport(app=kernel.asgi_app)
-        async with httpx.AsyncClient(transport=bare, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=bare, base_url="http://localhost") as c:
             assert (await c.get("/kk/whoami")).status_code == 401
 
 

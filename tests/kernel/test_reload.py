@@ -95,7 +95,7 @@ EXPECTED_ERROR = {
 
 async def http_get(kernel: Kernel, path: str) -> tuple[int, str]:
     transport = httpx.ASGITransport(app=kernel.asgi_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://nekobot.test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         response = await client.get(path)
         return response.status_code, response.text
 
@@ -810,7 +810,7 @@ async def test_an_upload_with_enable_is_one_generation_under_the_watcher(
         transport = httpx.ASGITransport(app=kernel.asgi_app)
         async with httpx.AsyncClient(
             transport=transport,
-            base_url="http://nekobot.test",
+            base_url="http://localhost",
             headers={"Authorization": f"Bearer {token}"},
         ) as client:
             r = await upload(

@@ -9,11 +9,14 @@ import socket
 from typing import Any
 
 import anyio
+import anyio.abc
+import httpx
 import pytest
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
-from kernel.server import WEBSOCKET_HANDOFF
+from kernel.config import KernelConfig
+from kernel.server import WEBSOCKET_HANDOFF, connection_limit
 from kernel.testing import PATIENCE, serving
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +149,116 @@ async def test_a_taker_that_raises_leaves_the_connection_to_the_server() -> None
     # The server closed the duplicate (the number may have been reused since).
     with contextlib.suppress(OSError):
         assert os.fstat(fd).st_ino != inode
+
+
+async def health(scope: Any, receive: Any, send: Any) -> None:
+    """A minimal app: 200 "ok" for every request."""
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+HALF_SENT = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1"
+
+
+async def half_sent(port: int) -> anyio.abc.SocketStream:
+    """A connection whose request headers never end."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    await stream.send(HALF_SENT)
+    return stream
+
+
+async def closed_by_server(stream: anyio.abc.SocketStream) -> None:
+    """Return once the server has closed `stream` (it writes nothing before)."""
+    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+        data = await stream.receive()
+        pytest.fail(f"the server wrote {data!r}")
+
+
+async def test_half_sent_requests_are_closed_after_the_header_deadline() -> None:
+    config = KernelConfig(header_timeout=1.0)
+    async with serving(health, config=config) as port:
+        slow = [await half_sent(port) for _ in range(200)]
+        try:
+            # 200 connections in the middle of their headers do not stop anyone else.
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(f"http://127.0.0.1:{port}/api/health")
+            assert r.status_code == 200
+            # Each is closed once its deadline has passed (generous bound: a loaded machine).
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for stream in slow:
+                        tg.start_soon(closed_by_server, stream)
+        finally:
+            for stream in slow:
+                await stream.aclose()
+
+
+async def test_headers_sent_in_time_are_served_and_the_next_request_gets_a_deadline() -> None:
+    config = KernelConfig(header_timeout=1.0)
+    async with serving(health, config=config) as port:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            with anyio.fail_after(10):
+                while not answer.endswith(b"ok"):
+                    answer += await stream.receive()
+            assert answer.startswith(b"HTTP/1.1 200")
+            # Kept alive, and half of a second request: closed by the deadline.
+            await stream.send(HALF_SENT)
+            with anyio.fail_after(30):
+                await closed_by_server(stream)
+
+
+async def test_a_connection_idle_after_a_body_read_past_its_answer_gets_a_deadline() -> None:
+    config = KernelConfig(header_timeout=1.0)
+    async with serving(health, config=config) as port:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            # Answered without reading the body (as a 413 is): the server reads the rest
+            # after the response, and then waits for the next request's headers.
+            await stream.send(
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+            )
+            answer = b""
+            with anyio.fail_after(10):
+                while not answer.endswith(b"ok"):
+                    answer += await stream.receive()
+            await stream.send(b"x" * 100_000)
+            with anyio.fail_after(30):
+                await closed_by_server(stream)
+
+
+async def test_connections_beyond_the_limit_are_closed_at_once() -> None:
+    # A long header deadline: only the connection limit can close anything here.
+    config = KernelConfig(header_timeout=600, max_connections=20)
+    async with serving(health, config=config) as port:
+        held = [await half_sent(port) for _ in range(20)]
+        try:
+            extra = await half_sent(port)
+            async with extra:
+                with anyio.fail_after(30):
+                    await closed_by_server(extra)
+        finally:
+            for stream in held:
+                await stream.aclose()
+        # Once they are gone, new connections are served again.
+        async with httpx.AsyncClient(timeout=10) as client:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        r = await client.get(f"http://127.0.0.1:{port}/")
+                        break
+                    except httpx.TransportError:
+                        await anyio.sleep(0.05)  # the server has not seen the closes yet
+        assert r.status_code == 200
+
+
+def test_the_connection_limit_fits_the_descriptor_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert connection_limit(10) == min(10, max(1, soft - 64))
+    if soft != resource.RLIM_INFINITY:
+        assert connection_limit(soft * 2) < soft

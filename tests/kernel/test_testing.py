@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import httpx
 import pytest
 
 from kernel import Image, KernelEvent, Reply, Sender, Target, Text, testing
@@ -229,3 +230,13 @@ async def test_wait_until_polls_a_condition(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(testing, "PATIENCE", 0.05)
     with pytest.raises(TimeoutError):
         await wait_until(lambda: False)
+
+
+@pytest.mark.anyio
+async def test_test_kernels_also_serve_the_test_clients_host(tmp_path: Path) -> None:
+    async with running_kernel(tmp_path / "data") as kernel:
+        transport = httpx.ASGITransport(app=kernel.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.get("/nowhere")).status_code == 404  # served: no such route
+            r = await c.get("/nowhere", headers={"Host": "elsewhere.example"})
+            assert r.status_code == 421

@@ -3,8 +3,10 @@ and every list endpoint paginates and sorts the same way."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -30,6 +32,10 @@ BODY_ENDPOINTS = (
 )
 
 
+#: What a JSON body is sent with (httpx sets it for `json=`, not for raw `content=`).
+JSON = {"Content-Type": "application/json"}
+
+
 def assert_error(r: httpx.Response, status: int, field: str | None = None) -> dict[str, Any]:
     """`r` is the error envelope with `status`, naming `field` if given."""
     assert r.status_code == status, r.text
@@ -46,13 +52,13 @@ def assert_error(r: httpx.Response, status: int, field: str | None = None) -> di
 async def test_malformed_bodies_are_400_naming_the_field(api: ApiServer) -> None:
     async with api.authed() as c:
         for method, path, required in BODY_ENDPOINTS:
-            r = await c.request(method, path, content=b'{"name": ')
+            r = await c.request(method, path, content=b'{"name": ', headers=JSON)
             assert_error(r, 400, "body")
             assert r.json()["code"] == "invalid_json"
-            r = await c.request(method, path, content=b"\xff\xfe not utf-8")
+            r = await c.request(method, path, content=b"\xff\xfe not utf-8", headers=JSON)
             assert_error(r, 400, "body")
             for not_object in (b"[]", b'"name"', b"42", b"null"):
-                r = await c.request(method, path, content=not_object)
+                r = await c.request(method, path, content=not_object, headers=JSON)
                 assert_error(r, 400, "body")
             r = await c.request(method, path, json={required: "x", "bogus_field": 1})
             assert_error(r, 400, "bogus_field")
@@ -69,8 +75,8 @@ async def test_malformed_bodies_are_400_naming_the_field(api: ApiServer) -> None
 async def test_put_settings_and_bot_config_bad_bodies(api: ApiServer) -> None:
     async with api.authed() as c:
         for path in ("/api/settings", "/api/bot/config"):
-            assert_error(await c.put(path, content=b"{"), 400, "body")
-            assert_error(await c.put(path, content=b"[1]"), 400, "body")
+            assert_error(await c.put(path, content=b"{", headers=JSON), 400, "body")
+            assert_error(await c.put(path, content=b"[1]", headers=JSON), 400, "body")
             assert_error(await c.put(path, content=b""), 400, "body")
             assert_error(await c.put(path, json={"bogus": 1}), 400, "bogus")
             assert_error(await c.put(path, json={}, params={"x": "1"}), 400, "x")
@@ -227,3 +233,38 @@ async def test_a_crashing_plugin_route_is_a_500_envelope_without_details(api: Ap
             assert "X-RateLimit-Limit" in r.headers
         # The server is fine afterwards.
         assert (await c.get("/api/health")).status_code == 200
+
+
+async def test_a_login_announcing_a_huge_body_is_413_before_reading(api: ApiServer) -> None:
+    port = int(api.base_url.rsplit(":", 1)[1])
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    answer = b""
+    async with stream:
+        await stream.send(
+            b"POST /api/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 800000000\r\n\r\n"
+        )
+        with anyio.fail_after(30), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                answer += await stream.receive()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"too_large"' in answer or b'"code": "too_large"' in answer
+
+
+async def test_json_routes_refuse_other_content_types_with_415(api: ApiServer) -> None:
+    login = b'{"username": "nekobot", "password": "nekobot"}'
+    async with api.client() as c:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            r = await c.post("/api/login", content=login, headers=headers)
+            body = assert_error(r, 415, "Content-Type")
+            assert body["code"] == "unsupported_media_type"
+            assert "application/json" in body["message"]
+        for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+            r = await c.post("/api/login", content=login, headers={"Content-Type": content_type})
+            assert r.status_code == 200, r.text
+    async with api.authed() as c:
+        r = await c.put("/api/settings", content=b"{}", headers={"Content-Type": "text/plain"})
+        assert_error(r, 415, "Content-Type")
+        # No body, no content type needed.
+        assert (await c.post("/api/logout")).status_code == 200

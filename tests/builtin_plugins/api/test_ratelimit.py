@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import re
+import secrets
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.builtin_plugins.conftest import ApiServer
+from tests.builtin_plugins.conftest import ApiServer, api_server
 
 pytestmark = pytest.mark.anyio
 
@@ -154,3 +156,32 @@ async def test_login_is_limited_per_username(api: ApiServer) -> None:
     # Tokens issued before keep working.
     async with api.authed() as c:
         assert (await c.get("/api/account")).status_code == 200
+
+
+async def same_window_pair(api: ApiServer) -> tuple[httpx.Response, httpx.Response]:
+    """Two requests, each claiming another forwarded address, in the same window."""
+    async with api.client() as c:
+        while True:
+            first, second = [
+                await c.get(
+                    "/api/health", headers={"X-Forwarded-For": f"10.0.0.{secrets.randbelow(250)}"}
+                )
+                for _ in range(2)
+            ]
+            if first.headers["X-RateLimit-Reset"] == second.headers["X-RateLimit-Reset"]:
+                return first, second
+
+
+async def test_forwarded_for_does_not_choose_the_rate_limit_bucket(api: ApiServer) -> None:
+    first, second = await same_window_pair(api)
+    # One bucket, the TCP peer's: the header is nobody's word.
+    remaining = int(first.headers["X-RateLimit-Remaining"])
+    assert int(second.headers["X-RateLimit-Remaining"]) == remaining - 1
+
+
+async def test_forwarded_for_from_a_trusted_proxy_is_the_client(tmp_path: Path) -> None:
+    async with api_server(tmp_path, trusted_proxies=("127.0.0.1",)) as api:
+        limit = api.kernel.settings.rate_limit_per_minute
+        first, second = await same_window_pair(api)
+        assert int(first.headers["X-RateLimit-Remaining"]) == limit - 1
+        assert int(second.headers["X-RateLimit-Remaining"]) == limit - 1

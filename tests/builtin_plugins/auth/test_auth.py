@@ -36,7 +36,7 @@ async def kernel(tmp_path: Path) -> AsyncIterator[Kernel]:
 @pytest.fixture
 async def client(kernel: Kernel) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=kernel.asgi_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         yield c
 
 
@@ -92,7 +92,9 @@ async def test_wrong_password_and_bad_bodies(client: httpx.AsyncClient) -> None:
     r = await _login(client, "wrong")
     assert r.status_code == 401
     assert r.json()["code"] == "invalid_credentials"
-    r = await client.post("/api/login", content=b"{not json")
+    r = await client.post(
+        "/api/login", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400
     r = await client.post("/api/login", json={"username": "nekobot"})
     assert r.status_code == 400
@@ -137,14 +139,14 @@ async def test_logout_revokes_and_survives_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with running_kernel(data, builtin_plugins=BUILTINS) as k:
         transport = httpx.ASGITransport(app=k.asgi_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             token = (await _login(c)).json()["access_token"]
             auth = {"Authorization": f"Bearer {token}"}
             assert (await c.post("/api/logout", headers=auth)).status_code == 200
             assert (await c.get("/api/account", headers=auth)).status_code == 401
     async with running_kernel(data, builtin_plugins=BUILTINS) as k:
         transport = httpx.ASGITransport(app=k.asgi_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             assert (await c.get("/api/account", headers=auth)).status_code == 401
 
 
@@ -300,7 +302,7 @@ async def test_tokens_from_before_token_versions_keep_working(tmp_path: Path) ->
             return jwt.encode(claims, secret, algorithm="HS256")
 
         transport = httpx.ASGITransport(app=k.asgi_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
 
             async def status(token: str) -> int:
                 r = await c.get("/api/account", headers={"Authorization": f"Bearer {token}"})

@@ -233,3 +233,15 @@ async def test_concurrent_partial_puts_lose_nothing(api: ApiServer) -> None:
     assert await api.kernel.storage.state_get("kernel", "bot_config", None) == bot
     stored = await api.kernel.storage.state_get("kernel", "settings", None)
     assert {k: v for k, v in stored.items()} == settings
+
+
+async def test_deeply_nested_ui_is_400_not_500(api: ApiServer) -> None:
+    deep: list[object] = []
+    for _ in range(400):
+        deep = [deep]
+    async with api.authed() as c:
+        before = (await c.get("/api/settings")).json()["data"]
+        r = await c.put("/api/settings", json={"ui": {"layout": deep}})
+        assert_error(r, 400, "ui")
+        assert "nested deeper than 32 levels" in r.json()["message"]
+        assert (await c.get("/api/settings")).json()["data"] == before
