@@ -15,6 +15,7 @@ import cattrs
 from jsonschema import Draft202012Validator
 
 from kernel.errors import ConfigError
+from kernel.plugin_config import describe_error
 
 
 def _strings(value: object) -> tuple[str, ...]:
@@ -161,11 +162,7 @@ def merged(current: T, changes: Any, schema: Mapping[str, Any]) -> T:
         Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path)
     )
     if errors:
-        first = errors[0]
-        path = ".".join(str(p) for p in first.absolute_path)
-        if not path and first.validator == "additionalProperties":
-            extra = sorted(set(full) - set(schema["properties"]))
-            path = extra[0] if extra else "body"
-            raise ConfigError(path, "is not a known field")
-        raise ConfigError(path or "body", first.message)
+        # As for plugin configuration: the field and the rule, never the value sent.
+        path, rule = describe_error(errors[0])
+        raise ConfigError(path or "body", rule)
     return _converter.structure(full, type(current))

@@ -37,3 +37,20 @@ def test_too_many_values_are_refused() -> None:
         merged(Settings(), {"ui": {"many": list(range(MAX_ITEMS))}}, SETTINGS_SCHEMA)
     assert caught.value.field == "ui"
     assert f"more than {MAX_ITEMS} values" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"rate_limit_per_minute": "zz-sent-value"}, "rate_limit_per_minute"),
+        ({"cors_origins": ["zz-sent-value"]}, "cors_origins.0"),
+        ({"log_level": "zz-sent-value"}, "log_level"),
+    ],
+)
+def test_errors_name_the_field_and_rule_never_the_value(
+    changes: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        merged(Settings(), changes, SETTINGS_SCHEMA)
+    assert err.value.field == field
+    assert "zz-sent-value" not in str(err.value)
