@@ -166,7 +166,9 @@ class GenerationOps:
             if replacing is None:
                 rec.state, rec.error = PluginState.FAILED, exc.message
                 await self._emit_failed(rec, exc.message)
-            rec.log.error("loading plugin %r failed: %s", name, exc.message)
+            # The plugin's own traceback (an import that raised), for its author.
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
+            rec.log.error("loading plugin %r failed: %s", name, exc.message, exc_info=cause)
             raise
         if replacing is not None:
             await self._retire(rec, replacing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -313,3 +314,19 @@ async def test_a_selected_builtin_that_is_not_registered_fails_clearly(tmp_path:
         assert info.state is PluginState.FAILED
         assert info.error == "no builtin plugin 'no_such_builtin' is registered"
         assert k.plugins.info("help").state is PluginState.ACTIVE
+
+
+@pytest.mark.anyio
+async def test_a_failed_import_logs_the_plugins_own_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = tmp_path / "plugins"
+    write_plugin(
+        plugins, "ld_raises", "def helper():\n    raise ValueError('bad at import')\n\nhelper()\n"
+    )
+    async with running_kernel(tmp_path / "data", plugin_dirs=[plugins]) as kernel:
+        assert kernel.plugins.info("ld_raises").state is PluginState.FAILED
+    [record] = [r for r in caplog.records if "loading plugin 'ld_raises' failed" in r.message]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    text = logging.Formatter().formatException(record.exc_info)
+    assert "ld_raises" in text and "in helper" in text
