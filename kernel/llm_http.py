@@ -19,7 +19,15 @@ import json
 import logging
 import random as _random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -326,9 +334,9 @@ class ProviderHTTP:
         self.client = client
         self.policy = policy
         self.secrets = tuple(s for s in secrets if s)
-        self._sleep = sleep
-        self._random = random
-        self._clock = clock
+        self.sleep = sleep
+        self.random = random
+        self.clock = clock
 
     def status_error(self, response: httpx.Response, body: bytes, model: str = "") -> ProviderError:
         """The error an HTTP error answer amounts to."""
@@ -339,18 +347,18 @@ class ProviderHTTP:
             response.headers,
             model=model,
             secrets=self.secrets,
-            now=self._clock,
+            now=self.clock,
         )
 
     async def _backoff(self, retry: int, error: ProviderError) -> bool:
         """Wait before retry number `retry`; False when no retry is due."""
         if not retryable(error) or retry + 1 >= self.policy.attempts:
             return False
-        delay = self.policy.delay(retry, getattr(error, "retry_after", None), self._random)
+        delay = self.policy.delay(retry, getattr(error, "retry_after", None), self.random)
         if delay is None:
             return False
         log.info("%s; retrying in %.2f s (attempt %d)", error, delay, retry + 2)
-        await self._sleep(delay)
+        await self.sleep(delay)
         return True
 
     async def request_json(
@@ -427,7 +435,7 @@ class ProviderHTTP:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         model: str = "",
-    ) -> AsyncIterator[SSEEvent]:
+    ) -> AsyncGenerator[SSEEvent, None]:
         """POST a request and yield the events of its SSE answer; a failure while it
         streams is a `ProviderError` (a connection closed midway: the answer was cut
         off). Closing the iterator, or cancelling the task reading it, closes the
