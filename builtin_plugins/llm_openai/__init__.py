@@ -135,6 +135,7 @@ class OpenAICompatibleProvider:
 
 @hookimpl
 def nekobot_llm_provider_types() -> Iterable[ProviderType]:
+    """The `openai_compatible` type."""
     return [
         ProviderType(
             SOURCE,

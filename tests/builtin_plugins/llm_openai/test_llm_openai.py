@@ -23,6 +23,7 @@ from kernel.llm import (
     Finish,
     ImagePart,
     ModelInfo,
+    OutputTruncatedError,
     ProviderAuthError,
     ProviderHandle,
     ProviderInstance,
@@ -463,3 +464,21 @@ async def test_the_provider_closes_with_its_plugin(setup: Setup) -> None:
     client = handle.provider.client  # type: ignore[attr-defined]
     await setup.kernel.plugins.disable("llm_openai")
     assert handle.closed and client.is_closed
+
+
+@pytest.mark.anyio
+async def test_an_error_midway_and_an_answer_cut_by_length_are_reported(setup: Setup) -> None:
+    setup.fake.script(
+        Stream(sse([chunk({"content": "So"}), {"error": {"message": "worker crashed"}}])),
+        JSONResponse(completion(None, finish="length")),
+        JSONResponse({"id": "x", "choices": []}),
+    )
+    provider = setup.open().provider
+    with pytest.raises(ProviderResponseError, match="the stream failed: worker crashed"):
+        await collect(provider.stream(ChatRequest([ChatMessage.user("hi")])))
+    cut = await provider.chat(ChatRequest([ChatMessage.user("hi")], max_tokens=1))
+    assert (cut.finish_reason, cut.text) == ("length", "")
+    with pytest.raises(OutputTruncatedError):
+        cut.require_answer("oa")
+    with pytest.raises(ProviderResponseError, match="the answer has no choices"):
+        await provider.chat(ChatRequest([ChatMessage.user("hi")]))
