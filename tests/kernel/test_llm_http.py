@@ -323,3 +323,27 @@ async def test_a_stream_that_is_not_sse_is_refused() -> None:
         [e async for e in script.http().sse("/chat")]
     assert "not an event stream (application/json): nope …" in str(caught.value)
     assert KEY not in str(caught.value)
+
+
+class Stalls(httpx.AsyncByteStream):
+    """A body that sends some bytes and then stops arriving."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        raise httpx.ReadTimeout("no more bytes")
+
+
+@pytest.mark.anyio
+async def test_a_read_timeout_is_retried_only_before_the_answer_began() -> None:
+    script = Script(
+        [httpx.ReadTimeout("no headers"), httpx.Response(200, content=b"data: 2\n\n", headers=SSE)]
+    )
+    assert [e.data async for e in script.http().sse("/chat")] == ["2"]
+    assert len(script.requests) == 2
+
+    script = Script([httpx.Response(200, stream=Stalls(), headers=SSE)])
+    got: list[str] = []
+    with pytest.raises(ProviderUnreachableError, match=r"stopped arriving \(read timeout\)"):
+        async for event in script.http().sse("/chat"):
+            got.append(event.data)
+    assert got == ["1"] and len(script.requests) == 1
