@@ -19,6 +19,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "settings",
     "logs",
     "help",
+    "llm_openai",
 )
 
 #: What the `nekobot.builtins` entry point names.
