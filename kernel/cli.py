@@ -300,12 +300,26 @@ def _single(group: BaseExceptionGroup[Any]) -> BaseException | None:
     return leaves[0] if len(leaves) == 1 else None
 
 
+class _OneLineFormatter(logging.Formatter):
+    """One line per record on the console: a traceback (a plugin's failed import, say)
+    goes to the log file, which the kernel writes in full, and the line says so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+        return f"{line} (traceback in the log file)" if saved[0] else line
+
+
 @contextmanager
 def _console_logging(level: int) -> Iterator[logging.Handler]:
     """Log to stderr at `level` while the command runs (tests call `main` repeatedly)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     # The console gets asyncio's and uvicorn's records too: a flood of one is collapsed.
     handler.addFilter(RepeatFilter(report=handler.handle))
     root = logging.getLogger()

@@ -2,6 +2,9 @@
 
 import pytest
 
+#: The session-wide model server fixture (`llama_base_url`), for the LLM tests.
+pytest_plugins = ["tests.llama_server"]
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
