@@ -82,79 +82,58 @@ def _data_url(data: bytes, mime: str) -> str:
 
 
 @attrs.frozen
-class Image:
-    """An image. `url` is `http(s)://`, `file://` or a `data:` URI; `file_id` is the
-    platform's own handle for it, if it has one; `extra` keeps platform-only fields."""
+class _Media:
+    """What every media segment has: `url` (`http(s)://`, `file://` or a `data:` URI),
+    a display `name`, `mime`, `size`, the platform's own handle `file_id`, and `extra`
+    for platform-only fields. The subclasses give the `type` tag."""
 
-    type: ClassVar[Literal["image"]] = "image"
+    type: ClassVar[str]
     url: str = ""
     name: str = ""
     mime: str = ""
     size: int | None = None
     file_id: str = ""
     extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
+
+    def as_text(self) -> str:
+        """The segment as plain text."""
+        return _media_label(self.type, self.url, self.name)
+
+
+@attrs.frozen
+class Image(_Media):
+    """An image. `url` is `http(s)://`, `file://` or a `data:` URI; `file_id` is the
+    platform's own handle for it, if it has one; `extra` keeps platform-only fields."""
+
+    type: ClassVar[Literal["image"]] = "image"
 
     @classmethod
     def from_bytes(cls, data: bytes, mime: str = "image/png", name: str = "") -> Image:
         """An image carried inline, as a `data:` URI."""
         return cls(_data_url(data, mime), name=name, mime=mime, size=len(data))
 
-    def as_text(self) -> str:
-        """The segment as plain text."""
-        return _media_label("image", self.url, self.name)
-
 
 @attrs.frozen
-class File:
+class File(_Media):
     """A file, addressed like an `Image`."""
 
     type: ClassVar[Literal["file"]] = "file"
-    url: str = ""
-    name: str = ""
-    mime: str = ""
-    size: int | None = None
-    file_id: str = ""
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
-
-    def as_text(self) -> str:
-        """The segment as plain text."""
-        return _media_label("file", self.url, self.name)
 
 
 @attrs.frozen
-class Audio:
+class Audio(_Media):
     """A voice message or audio clip, addressed like an `Image`; `duration` in seconds."""
 
     type: ClassVar[Literal["audio"]] = "audio"
-    url: str = ""
-    name: str = ""
-    mime: str = ""
-    size: int | None = None
-    file_id: str = ""
-    duration: float | None = None
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
-
-    def as_text(self) -> str:
-        """The segment as plain text."""
-        return _media_label("audio", self.url, self.name)
+    duration: float | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
-class Video:
+class Video(_Media):
     """A video, addressed like an `Image`; `duration` in seconds."""
 
     type: ClassVar[Literal["video"]] = "video"
-    url: str = ""
-    name: str = ""
-    mime: str = ""
-    size: int | None = None
-    file_id: str = ""
-    duration: float | None = None
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=mapping_copy)
-
-    def as_text(self) -> str:
-        """The segment as plain text."""
-        return _media_label("video", self.url, self.name)
+    duration: float | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
