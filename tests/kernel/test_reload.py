@@ -228,18 +228,20 @@ async def test_reload_while_messages_stream(tmp_path: Path) -> None:
         bot = MockBot(kernel)
         done = 0
         step = messages // (reloads + 1)
-        # Reload i starts once i * step messages are answered, while the others keep
-        # streaming; a sender past mark i + 1 waits until reload i is done, so every
-        # generation serves some messages however slow the machine.
+        # Reload i starts once i * step messages are answered, while the messages in
+        # flight go on; a sender that sees mark i waits until reload i is done. At most
+        # one message per conversation is in flight when a mark is reached, so every
+        # generation serves at least step - conversations messages however slow the
+        # machine (waiting for reload i - 1 instead let the last generation serve none).
         reached = [anyio.Event() for _ in range(reloads + 1)]
         finished = [anyio.Event() for _ in range(reloads + 1)]
 
         async def conversation(chat: int) -> None:
             nonlocal done
             for n in range(chat, messages, conversations):
-                mark = min(done // step, reloads + 1)
-                if mark >= 2:
-                    await finished[mark - 1].wait()
+                mark = min(done // step, reloads)
+                if mark >= 1:
+                    await finished[mark].wait()
                 await bot.receive(f"/count {n}", chat_id=f"chat-{chat}")
                 done += 1
                 if done % step == 0 and done // step <= reloads:
