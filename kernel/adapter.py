@@ -23,6 +23,7 @@ from kernel.messages import (
     MessageEvent,
     Raw,
     Reply,
+    ReplyStream,
     Segment,
     Target,
     Text,
@@ -240,6 +241,16 @@ class SupportsCallApi(Protocol):
 
     async def call_api(self, name: str, params: Mapping[str, Any]) -> Any:
         """Call the platform action `name`; its result, or an exception saying why not."""
+
+
+@runtime_checkable
+class SupportsStreaming(Protocol):
+    """An adapter that can show a reply while it is produced (the web chat's Server-Sent
+    Events; a platform that edits a message as it grows). Others get the whole text."""
+
+    async def send_stream(self, target: Target, stream: ReplyStream) -> SendResult:
+        """Read `stream` to its end (or until it raises, letting the exception through),
+        delivering its pieces to `target` as they come."""
 
 
 @attrs.frozen

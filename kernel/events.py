@@ -21,11 +21,11 @@ import anyio
 import attrs
 import pluggy
 
-from kernel.adapter import Adapter, SendResult, StatsRecorder
+from kernel.adapter import Adapter, SendResult, StatsRecorder, SupportsStreaming
 from kernel.calling import call_impl
 from kernel.commands import CommandEntry, ParsedCommand, parse_command
 from kernel.lifecycle import GateCall, GateClosedError, operating_on
-from kernel.messages import Text
+from kernel.messages import ReplyStream, Text
 from kernel.models import CommandInvocation, MessageEvent, Reply, Target, as_reply
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ _MAX_SPARE = 256
 
 #: How a handler's messages reach the conversation being handled (counted as replies).
 Send = Callable[[Reply | str | None], Awaitable[None]]
+#: How a handler's streamed reply reaches the conversation (counted as one reply).
+SendStream = Callable[[ReplyStream], Awaitable[None]]
 
 
 class MessageDispatch:
@@ -49,12 +51,15 @@ class MessageDispatch:
     although it answered with `pass_on()`. Valid during the handler's turn only.
     """
 
-    __slots__ = ("_acted", "_by", "_open", "_passing", "_plugin", "_send")
+    __slots__ = ("_acted", "_by", "_open", "_passing", "_plugin", "_send", "_stream")
 
-    def __init__(self, plugin: str, handled_by: tuple[str, ...], send: Send) -> None:
+    def __init__(
+        self, plugin: str, handled_by: tuple[str, ...], send: Send, stream: SendStream
+    ) -> None:
         self._plugin = plugin
         self._by = handled_by
         self._send = send
+        self._stream = stream
         self._acted = False
         self._passing = False
         self._open = True
@@ -94,6 +99,16 @@ class MessageDispatch:
             return
         self._acted = True
         await self._send(reply)
+
+    async def stream(self, stream: ReplyStream) -> str:
+        """Send a reply while it is produced: an adapter that can show it growing gets
+        the pieces as they come, any other the whole text at the end. Returns the text
+        sent; an exception of the stream's producer comes through once the adapter has
+        seen it (this handler has then answered all the same)."""
+        self._check_open("stream")
+        self._acted = True
+        await self._stream(stream)
+        return stream.text
 
     def _check_open(self, what: str) -> None:
         if not self._open:
@@ -178,6 +193,30 @@ class Pipeline:
                 result += sent
         return result
 
+    async def stream_through(
+        self, adapter: Adapter, target: Target, stream: ReplyStream
+    ) -> SendResult:
+        """Send a streamed reply with `adapter`: as it comes if the adapter can show it
+        growing (`SupportsStreaming`), else as one reply fitted like any other once the
+        stream has ended."""
+        if not isinstance(adapter, SupportsStreaming):
+            text = await stream.drain()
+            return (
+                await self.send_through(adapter, target, Reply.text(text)) if text else SendResult()
+            )
+        stats = self._stats.get(target.instance)
+        if stats is not None and self.adapters.get(target.instance) is not adapter:
+            stats = None
+        try:
+            result = await adapter.send_stream(target, stream)
+        except Exception as exc:
+            if stats is not None:
+                stats.error(exc)
+            raise
+        if stats is not None:
+            stats.sent += 1
+        return result if isinstance(result, SendResult) else SendResult()
+
     # -- dispatch ----------------------------------------------------------------------
 
     async def dispatch(self, event: MessageEvent, adapter: Adapter | None = None) -> int:
@@ -210,6 +249,14 @@ class Pipeline:
             await self.send_through(adapter, event.target, reply)
             sent += 1
 
+        async def send_stream(stream: ReplyStream) -> None:
+            nonlocal sent
+            if adapter is None:
+                await stream.drain()
+                return
+            await self.stream_through(adapter, event.target, stream)
+            sent += 1
+
         config = self.kernel.bot_config
         if config.wake_words:
             event = strip_wake_word(event, config.wake_words)
@@ -221,7 +268,7 @@ class Pipeline:
                 parsed = None
         if parsed is not None and await self._run_command(event, parsed, send):
             return sent
-        await self._offer(event, send)
+        await self._offer(event, send, send_stream)
         return sent
 
     async def _run_command(self, event: MessageEvent, parsed: ParsedCommand, send: Send) -> bool:
@@ -291,7 +338,7 @@ class Pipeline:
             return
         await send(_checked_reply(result, ctx.log, entry.qualified))
 
-    async def _offer(self, event: MessageEvent, send: Send) -> None:
+    async def _offer(self, event: MessageEvent, send: Send, send_stream: SendStream) -> None:
         """Offer a non-command message to the `nekobot_on_message` implementations in
         turn (the hook index holds them in priority order) until one answers it."""
         impls = self.kernel.plugins.hook_index.get("nekobot_on_message")
@@ -305,7 +352,7 @@ class Pipeline:
         for plugin, impl, gen in impls:
             ctx = gen.ctx
             log = ctx.log if ctx is not None else self.kernel.log
-            dispatch = MessageDispatch(plugin, handled_by, send)
+            dispatch = MessageDispatch(plugin, handled_by, send, send_stream)
             for _ in range(_MAX_RETRIES):
                 outcome = await call_impl(
                     impl,

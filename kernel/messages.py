@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Container, Iterable, Mapping
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import attrs
@@ -274,6 +274,58 @@ class Reply:
     def plain_text(self) -> str:
         """The concatenated text of the reply's text segments."""
         return plain_text(self.segments)
+
+
+class ReplyStream:
+    """A text reply sent while it is being produced (an LLM's answer, token by token).
+
+    `pieces` yields the text in order. An adapter that can show a reply as it grows
+    (`kernel.adapter.SupportsStreaming`) receives the stream itself; for any other the
+    pipeline reads it to its end and sends the whole text as one reply. `metadata` is
+    what the producer adds by the time the last piece has been read (e.g. the token
+    usage), `text` the text read so far, `done` whether the pieces ran out normally. An
+    exception raised by `pieces` reaches whoever reads the stream, then the handler that
+    sent it. A stream is read once.
+    """
+
+    __slots__ = ("_parts", "_pieces", "_read", "done", "metadata")
+
+    def __init__(self, pieces: AsyncIterable[str]) -> None:
+        self._pieces = pieces
+        self._parts: list[str] = []
+        self._read = False
+        self.done = False
+        self.metadata: dict[str, Any] = {}
+
+    @property
+    def text(self) -> str:
+        """The text read so far (the whole reply once `done`)."""
+        return "".join(self._parts)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._read:
+            raise RuntimeError("a ReplyStream is read once")
+        self._read = True
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        pieces = self._pieces
+        try:
+            async for piece in pieces:
+                if piece:
+                    self._parts.append(piece)
+                    yield piece
+            self.done = True
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def drain(self) -> str:
+        """Read the rest of the stream; the whole text."""
+        async for _ in self:
+            pass
+        return self.text
 
 
 def as_reply(value: Reply | str | None) -> Reply | None:
